@@ -1,0 +1,1 @@
+"""Disks layer: where fragments live. Directory disks now, block devices later."""

@@ -1,0 +1,1 @@
+"""Engine layer: the pool handle and the extent store (write, read, rebuild paths)."""

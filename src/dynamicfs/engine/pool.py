@@ -1,0 +1,263 @@
+"""Opening a pool: the pool directory, its lock, its metadata and its disks.
+
+A pool directory holds `pool.db` (metadata), `pool.lock` (held exclusively by whoever
+has the pool open: the mount daemon or an offline command), `mount.json` (where it is
+mounted, while it is), the control socket and the logs.
+
+Every open bumps the pool's epoch and commits it before anything else, so ids handed
+out in this open ((epoch << 32) + n) can never collide with fragment files left by an
+earlier open that crashed (DESIGN invariant 2).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynamicfs.disks import health
+from dynamicfs.disks.directory import DirectoryDisk
+from dynamicfs.errors import PoolBusyError, PoolError
+from dynamicfs.meta.schema import FORMAT_VERSION
+from dynamicfs.meta.store import DB_NAME, MetaStore
+from dynamicfs.redundancy.policy import AUTO, Policy, parse_policy, resolve_auto
+
+LOCK_NAME = "pool.lock"
+MOUNT_INFO = "mount.json"
+ID_BITS = 32
+
+
+@dataclass
+class DiskInfo:
+    id: int
+    uuid: str
+    path: str
+    tier: str
+    state: str
+    reason: str
+    capacity: int | None
+    used: int
+    read_errors: int = 0
+    write_errors: int = 0
+    checksum_errors: int = 0
+    added: float = 0.0
+
+    @property
+    def readable(self) -> bool:
+        return self.state in health.READABLE
+
+    @property
+    def writable(self) -> bool:
+        return self.state in health.WRITABLE
+
+
+DISK_COLUMNS = ("id, uuid, path, tier, state, reason, capacity, used, read_errors, "
+                "write_errors, checksum_errors, added")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    uuid: str
+    format_version: int
+    extent_size: int
+    default_policy: str
+    codec: str
+    created: float
+    epoch: int
+
+
+def is_pool(path: Path) -> bool:
+    return (Path(path) / DB_NAME).is_file()
+
+
+def mount_info(path: Path) -> dict[str, object] | None:
+    try:
+        return dict(json.loads((Path(path) / MOUNT_INFO).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+class PoolLock:
+    """An exclusive flock on `pool.lock`, held for as long as the pool is open."""
+
+    def __init__(self, pool_dir: Path) -> None:
+        self.path = pool_dir / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise PoolError(f"pool directory {self.path.parent} is read-only; "
+                                "remount it read-write or run as its owner") from None
+            raise PoolError(f"cannot open {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            info = mount_info(self.path.parent)
+            where = (f"mounted at {info.get('mountpoint')} (pid {info.get('pid')})"
+                     if info else "in use by another dynamicfs process")
+            raise PoolBusyError(f"pool {self.path.parent} is {where}; "
+                                "unmount it first or run the command while it is mounted "
+                                "through its control socket") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Pool:
+    """An open pool. Use `Pool.open(path)`; close() commits and releases the lock."""
+
+    def __init__(self, path: Path, meta: MetaStore, lock: PoolLock | None) -> None:
+        self.path = path
+        self.meta = meta
+        self._lock = lock
+        self.config = self._load_config()
+        self.disks: dict[int, DiskInfo] = {}
+        self.backends: dict[int, DirectoryDisk] = {}
+        self._id_lock = threading.Lock()
+        self._next_extent_id = self.config.epoch << ID_BITS
+        self._next_fragment_id = self.config.epoch << ID_BITS
+        self.reload_disks()
+        from dynamicfs.engine.store import ExtentStore
+
+        self.store = ExtentStore(self)
+
+    # -- opening -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path | str, *, lock: bool = True) -> Pool:
+        pool_dir = Path(path).absolute()
+        if not pool_dir.exists():
+            raise PoolError(f"pool {pool_dir} does not exist; create it with "
+                            f"'dynamicfs init {pool_dir}'")
+        if not is_pool(pool_dir):
+            raise PoolError(f"{pool_dir} is not a DynamicFS pool (no {DB_NAME}); create one "
+                            f"with 'dynamicfs init {pool_dir}'")
+        pool_lock = PoolLock(pool_dir) if lock else None
+        if pool_lock:
+            pool_lock.acquire()
+        try:
+            meta = MetaStore(pool_dir / DB_NAME)
+            _check_format(meta)
+            meta.migrate()
+            _bump_epoch(meta)
+            return cls(pool_dir, meta, pool_lock)
+        except BaseException:
+            if pool_lock:
+                pool_lock.release()
+            raise
+
+    def _load_config(self) -> PoolConfig:
+        with self.meta.read() as conn:
+            row = conn.execute("SELECT uuid, format_version, extent_size, default_policy, codec, "
+                               "created, epoch FROM pool WHERE id = 1").fetchone()
+        if row is None:
+            raise PoolError(f"{self.path} has an empty metadata database; "
+                            "run 'dynamicfs recover-metadata'")
+        return PoolConfig(*row)
+
+    def close(self) -> None:
+        try:
+            self.store.close()
+            self.meta.close()
+        finally:
+            if self._lock:
+                self._lock.release()
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- disks ---------------------------------------------------------------
+    def reload_disks(self) -> None:
+        with self.meta.read() as conn:
+            rows = conn.execute(f"SELECT {DISK_COLUMNS} FROM disks ORDER BY id").fetchall()
+        disks = {row[0]: DiskInfo(*row) for row in rows}
+        for disk_id, info in disks.items():
+            old = self.disks.get(disk_id)
+            if old is not None:  # keep live counters the metadata has not caught up with
+                info.used = max(info.used, old.used) if old.path == info.path else info.used
+            if disk_id not in self.backends or str(self.backends[disk_id].root) != info.path:
+                self.backends[disk_id] = DirectoryDisk(info.path)
+        for gone in set(self.backends) - set(disks):
+            del self.backends[gone]
+        self.disks = disks
+
+    def healthy_disks(self) -> list[DiskInfo]:
+        return [d for d in self.disks.values() if d.writable]
+
+    def disk_by_ref(self, ref: str) -> DiskInfo | None:
+        """Find a disk by id, UUID (or its prefix) or path."""
+        ref = str(ref)
+        for d in self.disks.values():
+            if ref in (str(d.id), d.uuid, d.path) or (len(ref) >= 8 and d.uuid.startswith(ref)):
+                return d
+        try:
+            real = str(Path(ref).resolve())
+        except OSError:
+            return None
+        for d in self.disks.values():
+            if d.path == real:
+                return d
+        return None
+
+    # -- ids and policies -----------------------------------------------------
+    def new_extent_id(self) -> int:
+        with self._id_lock:
+            self._next_extent_id += 1
+            return self._next_extent_id
+
+    def new_fragment_id(self) -> int:
+        with self._id_lock:
+            self._next_fragment_id += 1
+            return self._next_fragment_id
+
+    def resolve_policy(self, policy: str | None, file_size: int) -> Policy:
+        """A concrete policy for data of a file of `file_size` bytes."""
+        parsed = parse_policy(policy or self.config.default_policy)
+        if parsed == AUTO:
+            return resolve_auto(file_size, len(self.healthy_disks()))
+        assert isinstance(parsed, Policy)
+        return parsed
+
+    def record_event(self, kind: str, detail: dict[str, object]) -> None:
+        with self.meta.write() as conn:
+            conn.execute("INSERT INTO events (time, kind, detail) VALUES (?, ?, ?)",
+                         (time.time(), kind, json.dumps(detail, default=str)))
+
+
+def _check_format(meta: MetaStore) -> None:
+    try:
+        row = meta.conn.execute("SELECT format_version FROM pool WHERE id = 1").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise PoolError(f"metadata database is unreadable ({exc}); "
+                        "run 'dynamicfs recover-metadata'") from None
+    if row and row[0] > FORMAT_VERSION:
+        raise PoolError(f"pool format {row[0]} is newer than this DynamicFS supports "
+                        f"({FORMAT_VERSION}); upgrade DynamicFS")
+
+
+def _bump_epoch(meta: MetaStore) -> None:
+    try:
+        with meta.write() as conn:
+            conn.execute("UPDATE pool SET epoch = epoch + 1 WHERE id = 1")
+        meta.commit()
+    except sqlite3.OperationalError as exc:
+        meta.rollback()
+        if "readonly" in str(exc) or "read-only" in str(exc):
+            raise PoolError(f"pool directory {meta.path.parent} is read-only; "
+                            "remount it read-write") from None
+        raise PoolError(f"cannot update metadata: {exc}") from None

@@ -1,0 +1,562 @@
+"""The extent store: how an extent becomes fragments on disks and back.
+
+Write path: checksum -> encode -> place -> write fragments, one task per disk, in
+parallel -> (later, at group commit) sync -> one metadata commit. Read path: read the
+fewest fragments (data shards first for EC; for replicas the healthiest, least busy
+copy), verify every fragment against its header and the metadata, decode, verify the
+extent checksum; fall back to other fragments on any failure. Rebuild re-creates
+missing, bad or displaced fragments on other disks and swaps the metadata atomically.
+
+Invariants kept here:
+1. fragments of one extent on distinct disks (placement excludes used disks; the
+   schema has UNIQUE(extent_id, disk_id));
+2. fragment files are created once (O_EXCL) under never-reused ids;
+3. every fragment written is synced by the before-commit hook before any metadata
+   naming it commits; freed fragment files are deleted only after the commit;
+4. every byte returned has been checked: fragment checksum and extent checksum;
+6. an extent is stored with at least policy.minimum fragments or not at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from sqlite3 import Connection
+from typing import TYPE_CHECKING
+
+import blake3
+
+from dynamicfs.disks import fragment as fragfmt
+from dynamicfs.disks.directory import SYNCFS_THRESHOLD
+from dynamicfs.disks.health import COUNTS_FOR_REDUNDANCY
+from dynamicfs.errors import FsError, NoSpaceError, UnreadableError
+from dynamicfs.observability.log import warn
+from dynamicfs.placement.placement import Candidate, choose_disks
+from dynamicfs.redundancy import codecs
+from dynamicfs.redundancy.policy import Policy, parse_concrete
+
+if TYPE_CHECKING:
+    from dynamicfs.engine.pool import Pool
+
+CACHE_BYTES = 64 * 1024 * 1024
+STATVFS_TTL = 1.0
+
+
+@dataclass
+class FragmentRow:
+    id: int
+    extent_id: int
+    index: int
+    disk_id: int
+    size: int
+    checksum: bytes
+
+
+@dataclass
+class ExtentInfo:
+    id: int
+    length: int
+    checksum: bytes
+    policy: Policy
+    fragments: list[FragmentRow] = field(default_factory=list)
+
+
+@dataclass
+class WrittenExtent:
+    """Fragments on disk, not yet durable nor referenced by metadata."""
+
+    info: ExtentInfo
+
+
+class ExtentCache:
+    """Decoded extents by id. Extents are immutable, so entries never go stale."""
+
+    def __init__(self, limit: int = CACHE_BYTES) -> None:
+        self.limit = limit
+        self.size = 0
+        self._items: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, extent_id: int) -> bytes | None:
+        with self._lock:
+            data = self._items.get(extent_id)
+            if data is not None:
+                self._items.move_to_end(extent_id)
+            return data
+
+    def put(self, extent_id: int, data: bytes) -> None:
+        if len(data) > self.limit // 4:
+            return
+        with self._lock:
+            if extent_id in self._items:
+                return
+            self._items[extent_id] = data
+            self.size += len(data)
+            while self.size > self.limit:
+                _, old = self._items.popitem(last=False)
+                self.size -= len(old)
+
+    def drop(self, extent_id: int) -> None:
+        with self._lock:
+            data = self._items.pop(extent_id, None)
+            if data is not None:
+                self.size -= len(data)
+
+
+class ExtentStore:
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.meta = pool.meta
+        self.executor = ThreadPoolExecutor(max_workers=max(4, 2 * len(pool.disks) + 2),
+                                           thread_name_prefix="dynamicfs-io")
+        self.cache = ExtentCache()
+        self._unsynced: dict[int, list[int]] = collections.defaultdict(list)
+        self._unsynced_lock = threading.Lock()
+        self._busy: collections.Counter[int] = collections.Counter()
+        self._statvfs: dict[int, tuple[float, int]] = {}
+        self.repair_wanted: set[int] = set()
+        self._repair_lock = threading.Lock()
+        self.meta.before_commit.append(self.sync_pending)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+    # -- capacity ------------------------------------------------------------
+    def disk_free(self, disk_id: int) -> int:
+        """Bytes the pool may still put on this disk."""
+        info = self.pool.disks[disk_id]
+        now = time.monotonic()
+        cached = self._statvfs.get(disk_id)
+        if cached is None or now - cached[0] > STATVFS_TTL:
+            try:
+                fs_free = self.pool.backends[disk_id].free_bytes()
+            except OSError:
+                fs_free = 0
+            cached = (now, fs_free)
+            self._statvfs[disk_id] = cached
+        fs_free = cached[1]
+        if info.capacity is not None:
+            return max(0, min(info.capacity - info.used, fs_free))
+        return fs_free
+
+    def disk_capacity(self, disk_id: int) -> int:
+        info = self.pool.disks[disk_id]
+        if info.capacity is not None:
+            return info.capacity
+        return info.used + self.disk_free(disk_id)
+
+    def _candidates(self) -> list[Candidate]:
+        disks = sorted(self.pool.healthy_disks(), key=lambda d: d.used)
+        return [Candidate(d.id, self.disk_free(d.id), d.tier) for d in disks]
+
+    # -- write path ------------------------------------------------------------
+    def write(self, items: list[tuple[bytes, Policy]]) -> list[WrittenExtent]:
+        """Encode, place and write extents; durable at the next commit, not referenced yet."""
+        candidates = self._candidates()
+        plans: list[tuple[ExtentInfo, list[bytes]]] = []
+        per_disk: dict[int, list[tuple[FragmentRow, bytes]]] = collections.defaultdict(list)
+        for data, policy in items:
+            info, payloads = self._plan(data, policy, candidates)
+            plans.append((info, payloads))
+            for row in info.fragments:
+                per_disk[row.disk_id].append((row, payloads[row.index]))
+        failed = self._write_per_disk(per_disk)
+        if failed:
+            self._replace_failed(plans, failed, candidates)
+        return [WrittenExtent(info) for info, _ in plans]
+
+    def _plan(self, data: bytes, policy: Policy,
+              candidates: list[Candidate]) -> tuple[ExtentInfo, list[bytes]]:
+        payloads = codecs.encode(policy, data)
+        size = fragfmt.HEADER_SIZE + len(payloads[0])
+        chosen = choose_disks(candidates, policy.width, size)
+        if len(chosen) < policy.minimum:
+            raise NoSpaceError(f"no room for {policy}: {len(chosen)} healthy disks with "
+                               f"free space, {policy.minimum} needed; add disks or free space")
+        checksum = blake3.blake3(data).digest()
+        info = ExtentInfo(self.pool.new_extent_id(), len(data), checksum, policy)
+        for index, disk_id in enumerate(chosen):
+            payload = payloads[index]
+            fsum = checksum if policy.kind == "replicate" else fragfmt.checksum(payload)
+            info.fragments.append(FragmentRow(self.pool.new_fragment_id(), info.id, index,
+                                              disk_id, size, fsum))
+            self._charge(candidates, disk_id, size)
+        return info, payloads
+
+    def _charge(self, candidates: list[Candidate], disk_id: int, size: int) -> None:
+        for c in candidates:
+            if c.disk_id == disk_id:
+                c.free -= size
+        self.pool.disks[disk_id].used += size
+
+    def _write_per_disk(self, per_disk: dict[int, list[tuple[FragmentRow, bytes]]]
+                        ) -> dict[int, OSError]:
+        """One task per disk; returns the disks whose writes failed."""
+        def run(disk_id: int, work: list[tuple[FragmentRow, bytes]]) -> None:
+            backend = self.pool.backends[disk_id]
+            for row, payload in work:
+                header = fragfmt.FragmentHeader(row.extent_id, row.id, row.index,
+                                                len(payload), row.checksum).pack()
+                backend.write_fragment(row.id, header, payload)
+            with self._unsynced_lock:
+                self._unsynced[disk_id].extend(row.id for row, _ in work)
+
+        futures = {d: self.executor.submit(run, d, w) for d, w in per_disk.items()}
+        failed: dict[int, OSError] = {}
+        for disk_id, fut in futures.items():
+            exc = fut.exception()
+            if isinstance(exc, OSError):
+                failed[disk_id] = exc
+                self.note_disk_error(disk_id, "write", str(exc))
+            elif exc is not None:
+                raise exc
+        return failed
+
+    def _replace_failed(self, plans: list[tuple[ExtentInfo, list[bytes]]],
+                        failed: dict[int, OSError], candidates: list[Candidate]) -> None:
+        """Move fragments that failed to write to other disks, or drop them (invariant 6)."""
+        bad = set(failed)
+        candidates = [c for c in candidates if c.disk_id not in bad]
+        for info, payloads in plans:
+            keep = [r for r in info.fragments if r.disk_id not in bad]
+            lost = [r for r in info.fragments if r.disk_id in bad]
+            for row in lost:
+                self.pool.disks[row.disk_id].used -= row.size
+                self.pool.backends[row.disk_id].delete_fragment(row.id)
+                used = {r.disk_id for r in keep}
+                for disk_id in choose_disks(candidates, 1, row.size, exclude=used):
+                    new = FragmentRow(self.pool.new_fragment_id(), info.id, row.index, disk_id,
+                                      row.size, row.checksum)
+                    if not self._write_per_disk({disk_id: [(new, payloads[row.index])]}):
+                        self._charge(candidates, disk_id, row.size)
+                        keep.append(new)
+                    else:
+                        candidates = [c for c in candidates if c.disk_id != disk_id]
+            if len(keep) < info.policy.minimum:
+                codes = {e.errno for e in failed.values()}
+                if codes <= {errno.ENOSPC, errno.EDQUOT}:
+                    raise NoSpaceError(f"disks are full: only {len(keep)} of "
+                                       f"{info.policy.minimum} fragments of {info.policy} fit")
+                raise FsError(errno.EIO, f"only {len(keep)} fragments written, "
+                                         f"{info.policy.minimum} needed")
+            info.fragments = sorted(keep, key=lambda r: r.index)
+
+    def record(self, conn: Connection, written: Iterable[WrittenExtent]) -> None:
+        """Insert the rows that name written extents (inside the caller's write())."""
+        used: collections.Counter[int] = collections.Counter()
+        now = time.time()
+        for w in written:
+            info = w.info
+            conn.execute("INSERT INTO extents (id, length, checksum, policy, created) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (info.id, info.length, info.checksum, str(info.policy), now))
+            conn.executemany(
+                "INSERT INTO fragments (id, extent_id, idx, disk_id, size, checksum) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(r.id, r.extent_id, r.index, r.disk_id, r.size, r.checksum)
+                 for r in info.fragments])
+            for r in info.fragments:
+                used[r.disk_id] += r.size
+        conn.executemany("UPDATE disks SET used = used + ? WHERE id = ?",
+                         [(n, d) for d, n in used.items()])
+
+    def store(self, conn: Connection, items: list[tuple[bytes, Policy]]) -> list[int]:
+        """write() + record(): the extent ids, in order."""
+        written = self.write(items)
+        self.record(conn, written)
+        return [w.info.id for w in written]
+
+    def discard(self, written: Iterable[WrittenExtent]) -> None:
+        """Forget written-but-unrecorded extents (their files become orphans now)."""
+        for w in written:
+            for r in w.info.fragments:
+                self.pool.disks[r.disk_id].used -= r.size
+                self.pool.backends[r.disk_id].delete_fragment(r.id)
+
+    def sync_pending(self) -> None:
+        """Before-commit hook: make every fragment written since the last commit durable."""
+        with self._unsynced_lock:
+            pending, self._unsynced = self._unsynced, collections.defaultdict(list)
+        if not pending:
+            return
+        by_device: dict[int, list[int]] = collections.defaultdict(list)
+        for disk_id in pending:
+            try:
+                by_device[self.pool.backends[disk_id].device_id()].append(disk_id)
+            except (OSError, KeyError):
+                by_device[-disk_id].append(disk_id)
+        futures = []
+        for disks in by_device.values():
+            total = sum(len(pending[d]) for d in disks)
+            if total > SYNCFS_THRESHOLD:  # one syncfs of the shared filesystem covers all
+                futures.append(self.executor.submit(self.pool.backends[disks[0]].sync_filesystem))
+            else:
+                for d in disks:
+                    futures.append(self.executor.submit(self.pool.backends[d].sync, pending[d]))
+        for fut in futures:
+            fut.result()
+
+    # -- read path --------------------------------------------------------------
+    def load(self, extent_id: int) -> ExtentInfo:
+        with self.meta.read() as conn:
+            row = conn.execute("SELECT length, checksum, policy FROM extents WHERE id = ?",
+                               (extent_id,)).fetchone()
+            if row is None:
+                raise UnreadableError(f"extent {extent_id} is not in the metadata")
+            frags = conn.execute("SELECT id, extent_id, idx, disk_id, size, checksum "
+                                 "FROM fragments WHERE extent_id = ? ORDER BY idx",
+                                 (extent_id,)).fetchall()
+        return ExtentInfo(extent_id, row[0], row[1], parse_concrete(row[2]),
+                          [FragmentRow(*f) for f in frags])
+
+    def read(self, extent_id: int) -> bytes:
+        """The extent's bytes, verified; UnreadableError (EIO) if that is impossible."""
+        data = self.cache.get(extent_id)
+        if data is not None:
+            return data
+        info = self.load(extent_id)
+        data = self._read_verified(info)
+        self.cache.put(extent_id, data)
+        return data
+
+    def _read_order(self, info: ExtentInfo) -> list[FragmentRow]:
+        disks = self.pool.disks
+        rows = [r for r in info.fragments if r.disk_id in disks and disks[r.disk_id].readable]
+
+        def key(r: FragmentRow) -> tuple[int, int, int]:
+            parity = 1 if r.index >= info.policy.k else 0
+            state = 0 if disks[r.disk_id].state == "healthy" else 1
+            return (parity if info.policy.kind == "ec" else 0, state, self._busy[r.disk_id])
+
+        return sorted(rows, key=key)
+
+    def _read_verified(self, info: ExtentInfo) -> bytes:
+        order = self._read_order(info)
+        need = info.policy.k
+        good: dict[int, bytes] = {}
+        problems: list[str] = []
+        pos = 0
+        while len(good) < need and pos < len(order):
+            batch = order[pos: pos + need - len(good)]
+            pos += len(batch)
+            if len(batch) == 1:
+                results = [(batch[0], self.read_fragment(info, batch[0]))]
+            else:
+                futs = [(r, self.executor.submit(self.read_fragment, info, r)) for r in batch]
+                results = [(r, f.result()) for r, f in futs]
+            for row, (payload, problem) in results:
+                if payload is not None:
+                    good.setdefault(row.index, payload)
+                else:
+                    problems.append(problem)
+        missing = info.policy.width - len(order)
+        if problems or missing > 0:
+            self.want_repair(info.id)
+        if len(good) < need:
+            detail = "; ".join(problems) or "no readable fragment"
+            raise UnreadableError(f"extent {info.id}: {len(good)} of {need} needed fragments "
+                                  f"good ({detail})")
+        data = codecs.decode(info.policy, good, info.length)
+        if blake3.blake3(data).digest() != info.checksum:
+            raise UnreadableError(f"extent {info.id}: decoded bytes fail the extent checksum")
+        return data
+
+    def read_fragment(self, info: ExtentInfo, row: FragmentRow) -> tuple[bytes | None, str]:
+        """One fragment's payload if it passes every check, else (None, why)."""
+        backend = self.pool.backends.get(row.disk_id)
+        if backend is None:
+            return None, f"disk {row.disk_id} is gone"
+        self._busy[row.disk_id] += 1
+        try:
+            raw = backend.read_fragment(row.id)
+        except FileNotFoundError:
+            self.note_disk_error(row.disk_id, "missing", f"fragment {row.id:x} missing")
+            return None, f"fragment {row.index} missing on disk {row.disk_id}"
+        except OSError as exc:
+            self.note_disk_error(row.disk_id, "read", str(exc))
+            return None, f"fragment {row.index} unreadable on disk {row.disk_id}: {exc.strerror}"
+        finally:
+            self._busy[row.disk_id] -= 1
+        try:
+            head, payload = fragfmt.parse(raw)
+            if (head.extent_id, head.fragment_id, head.index) != (info.id, row.id, row.index):
+                raise fragfmt.FragmentError("header names another fragment")
+            if head.checksum != row.checksum:
+                raise fragfmt.FragmentError("checksum differs from the metadata")
+        except fragfmt.FragmentError as exc:
+            self.note_disk_error(row.disk_id, "checksum", str(exc))
+            return None, f"fragment {row.index} on disk {row.disk_id}: {exc}"
+        return bytes(payload), ""
+
+    # -- health bookkeeping ------------------------------------------------------
+    def note_disk_error(self, disk_id: int, kind: str, detail: str) -> None:
+        info = self.pool.disks.get(disk_id)
+        if info is None:
+            return
+        if kind == "write":
+            info.write_errors += 1
+        elif kind == "checksum":
+            info.checksum_errors += 1
+        elif kind == "read":
+            info.read_errors += 1
+        warn("fragment error", disk=disk_id, kind=kind, detail=detail)
+
+    def want_repair(self, extent_id: int) -> None:
+        with self._repair_lock:
+            self.repair_wanted.add(extent_id)
+
+    # -- freeing -------------------------------------------------------------------
+    def free_if_unreferenced(self, conn: Connection, extent_ids: Iterable[int]) -> int:
+        """Delete extents no file refers to; their files go after the commit."""
+        freed = 0
+        for extent_id in set(extent_ids):
+            if conn.execute("SELECT 1 FROM file_extents WHERE extent_id = ? LIMIT 1",
+                            (extent_id,)).fetchone():
+                continue
+            self.delete_extent(conn, extent_id)
+            freed += 1
+        return freed
+
+    def delete_extent(self, conn: Connection, extent_id: int) -> None:
+        rows = conn.execute("SELECT id, disk_id, size FROM fragments WHERE extent_id = ?",
+                            (extent_id,)).fetchall()
+        conn.execute("DELETE FROM fragments WHERE extent_id = ?", (extent_id,))
+        conn.execute("DELETE FROM extents WHERE id = ?", (extent_id,))
+        conn.execute("DELETE FROM repair_queue WHERE extent_id = ?", (extent_id,))
+        self._release_fragments(conn, [(fid, disk_id, size) for fid, disk_id, size in rows])
+        self.cache.drop(extent_id)
+
+    def _release_fragments(self, conn: Connection, rows: list[tuple[int, int, int]]) -> None:
+        """Account for fragment rows just deleted; unlink their files after commit."""
+        per_disk: collections.Counter[int] = collections.Counter()
+        for _, disk_id, size in rows:
+            per_disk[disk_id] += size
+        conn.executemany("UPDATE disks SET used = MAX(0, used - ?) WHERE id = ?",
+                         [(n, d) for d, n in per_disk.items()])
+        for disk_id, n in per_disk.items():
+            if disk_id in self.pool.disks:
+                self.pool.disks[disk_id].used = max(0, self.pool.disks[disk_id].used - n)
+
+        def unlink() -> None:
+            for fid, disk_id, _ in rows:
+                backend = self.pool.backends.get(disk_id)
+                if backend is not None:
+                    try:
+                        backend.delete_fragment(fid)
+                    except OSError:
+                        pass  # a gone or failed disk: its files are garbage already
+
+        self.meta.after_commit(unlink)
+
+    # -- rebuild -------------------------------------------------------------------
+    def redundancy_of(self, info: ExtentInfo) -> int:
+        """Fragments that count: on disks that still hold data for the pool."""
+        disks = self.pool.disks
+        return sum(1 for r in info.fragments
+                   if r.disk_id in disks and disks[r.disk_id].state in COUNTS_FOR_REDUNDANCY)
+
+    def rebuild(self, extent_id: int, *, evacuate: frozenset[int] = frozenset(),
+                verify: bool = True) -> str:
+        """Bring an extent back to full redundancy on healthy disks.
+
+        Re-creates fragments that are missing, bad, on disks that do not count for
+        redundancy, or on `evacuate` disks. Returns 'healthy' (nothing to do),
+        'repaired', 'partial' (better but still under-redundant) or raises
+        UnreadableError when fewer than k good fragments are left.
+        """
+        info = self.load(extent_id)
+        disks = self.pool.disks
+        good: dict[int, bytes] = {}
+        keep: dict[int, FragmentRow] = {}
+        drop: list[FragmentRow] = []
+        for row in sorted(info.fragments, key=lambda r: r.disk_id in evacuate):
+            disk = disks.get(row.disk_id)
+            payload = None
+            if disk is not None and disk.readable and (verify or row.disk_id in evacuate):
+                payload, _ = self.read_fragment(info, row)
+            elif disk is not None and disk.readable:
+                payload = b""  # trusted without reading
+            stays = (payload is not None and disk is not None
+                     and disk.state in COUNTS_FOR_REDUNDANCY and row.disk_id not in evacuate
+                     and row.index not in keep)
+            if payload is not None and payload != b"":
+                good.setdefault(row.index, payload)
+            if stays:
+                keep[row.index] = row
+            else:
+                drop.append(row)
+        wanted = [i for i in range(info.policy.width) if i not in keep]
+        if not wanted:
+            return "healthy"
+        if len(good) < info.policy.k:
+            self._top_up_good(info, keep, good)
+        if len(good) < info.policy.k:
+            raise UnreadableError(f"extent {extent_id}: {len(good)} of {info.policy.k} "
+                                  "needed good fragments left")
+        have = {i: good[i] for i in wanted if i in good}
+        need = [i for i in wanted if i not in have]
+        if need:
+            data = codecs.decode(info.policy, good, info.length)
+            if blake3.blake3(data).digest() != info.checksum:
+                raise UnreadableError(f"extent {extent_id}: surviving fragments disagree")
+            have.update(codecs.reconstruct(info.policy, good, need))
+        return self._place_rebuilt(info, keep, drop, have)
+
+    def _top_up_good(self, info: ExtentInfo, keep: dict[int, FragmentRow],
+                     good: dict[int, bytes]) -> None:
+        for index, row in keep.items():
+            if index not in good:
+                payload, _ = self.read_fragment(info, row)
+                if payload is not None:
+                    good[index] = payload
+
+    def _place_rebuilt(self, info: ExtentInfo, keep: dict[int, FragmentRow],
+                       drop: list[FragmentRow], payloads: dict[int, bytes]) -> str:
+        candidates = self._candidates()
+        used = {r.disk_id for r in keep.values()}
+        new_rows: list[FragmentRow] = []
+        per_disk: dict[int, list[tuple[FragmentRow, bytes]]] = collections.defaultdict(list)
+        for index in sorted(payloads):
+            payload = payloads[index]
+            size = fragfmt.HEADER_SIZE + len(payload)
+            chosen = choose_disks(candidates, 1, size, exclude=used)
+            if not chosen:
+                continue
+            fsum = info.checksum if info.policy.kind == "replicate" else fragfmt.checksum(payload)
+            row = FragmentRow(self.pool.new_fragment_id(), info.id, index, chosen[0], size, fsum)
+            used.add(chosen[0])
+            self._charge(candidates, chosen[0], size)
+            new_rows.append(row)
+            per_disk[chosen[0]].append((row, payload))
+        failed = self._write_per_disk(per_disk)
+        for row in [r for r in new_rows if r.disk_id in failed]:
+            self.pool.disks[row.disk_id].used -= row.size
+        new_rows = [r for r in new_rows if r.disk_id not in failed]
+        placed = {r.index for r in new_rows}
+        # Old rows for indexes that now have a new home, or that sit on disks that are
+        # gone for good, are dropped; the rest stay until a later rebuild can move them.
+        retire = [r for r in drop if r.index in placed or r.disk_id not in self.pool.disks
+                  or not self.pool.disks[r.disk_id].readable]
+        with self.meta.write() as conn:
+            conn.executemany("DELETE FROM fragments WHERE id = ?", [(r.id,) for r in retire])
+            self._release_fragments(conn, [(r.id, r.disk_id, r.size) for r in retire])
+            self.record_fragments(conn, new_rows)
+            conn.execute("DELETE FROM repair_queue WHERE extent_id = ?", (info.id,))
+        complete = len(keep) + len(new_rows) >= info.policy.width
+        return "repaired" if complete and new_rows else ("partial" if new_rows else "stuck")
+
+    def record_fragments(self, conn: Connection, rows: list[FragmentRow]) -> None:
+        conn.executemany(
+            "INSERT INTO fragments (id, extent_id, idx, disk_id, size, checksum) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(r.id, r.extent_id, r.index, r.disk_id, r.size, r.checksum) for r in rows])
+        per_disk: collections.Counter[int] = collections.Counter()
+        for r in rows:
+            per_disk[r.disk_id] += r.size
+        conn.executemany("UPDATE disks SET used = used + ? WHERE id = ?",
+                         [(n, d) for d, n in per_disk.items()])

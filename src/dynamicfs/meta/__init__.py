@@ -1,0 +1,1 @@
+"""Metadata layer: the SQLite schema, its migrations and the transaction discipline."""

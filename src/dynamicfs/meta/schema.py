@@ -1,0 +1,104 @@
+"""The metadata schema and its versioned migrations.
+
+`PRAGMA user_version` holds the schema version; MIGRATIONS[i] takes a database from
+version i to i+1. The pool's on-disk format version (FORMAT_VERSION) is stored in the
+`pool` row; a pool newer than this code is refused. docs/FORMAT.md mirrors this file.
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+
+_V1 = """
+CREATE TABLE pool (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    uuid            TEXT    NOT NULL,
+    format_version  INTEGER NOT NULL,
+    extent_size     INTEGER NOT NULL,
+    default_policy  TEXT    NOT NULL,
+    codec           TEXT    NOT NULL,
+    created         REAL    NOT NULL,
+    epoch           INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE disks (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    uuid            TEXT    NOT NULL UNIQUE,
+    path            TEXT    NOT NULL UNIQUE,
+    tier            TEXT    NOT NULL,
+    state           TEXT    NOT NULL,
+    reason          TEXT    NOT NULL DEFAULT '',
+    capacity        INTEGER,
+    used            INTEGER NOT NULL DEFAULT 0,
+    read_errors     INTEGER NOT NULL DEFAULT 0,
+    write_errors    INTEGER NOT NULL DEFAULT 0,
+    checksum_errors INTEGER NOT NULL DEFAULT 0,
+    added           REAL    NOT NULL
+);
+CREATE TABLE inodes (
+    ino       INTEGER PRIMARY KEY AUTOINCREMENT,
+    mode      INTEGER NOT NULL,
+    uid       INTEGER NOT NULL,
+    gid       INTEGER NOT NULL,
+    nlink     INTEGER NOT NULL,
+    size      INTEGER NOT NULL DEFAULT 0,
+    rdev      INTEGER NOT NULL DEFAULT 0,
+    atime_ns  INTEGER NOT NULL,
+    mtime_ns  INTEGER NOT NULL,
+    ctime_ns  INTEGER NOT NULL,
+    policy    TEXT,
+    target    BLOB
+);
+CREATE TABLE dentries (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent  INTEGER NOT NULL,
+    name    BLOB    NOT NULL,
+    ino     INTEGER NOT NULL,
+    UNIQUE (parent, name)
+);
+CREATE INDEX dentries_ino ON dentries (ino);
+CREATE TABLE xattrs (
+    ino    INTEGER NOT NULL,
+    name   BLOB    NOT NULL,
+    value  BLOB    NOT NULL,
+    PRIMARY KEY (ino, name)
+) WITHOUT ROWID;
+CREATE TABLE extents (
+    id        INTEGER PRIMARY KEY,
+    length    INTEGER NOT NULL,
+    checksum  BLOB    NOT NULL,
+    policy    TEXT    NOT NULL,
+    created   REAL    NOT NULL
+);
+CREATE TABLE fragments (
+    id         INTEGER PRIMARY KEY,
+    extent_id  INTEGER NOT NULL,
+    idx        INTEGER NOT NULL,
+    disk_id    INTEGER NOT NULL,
+    size       INTEGER NOT NULL,
+    checksum   BLOB    NOT NULL,
+    UNIQUE (extent_id, idx),
+    UNIQUE (extent_id, disk_id)
+);
+CREATE INDEX fragments_disk ON fragments (disk_id);
+CREATE TABLE file_extents (
+    ino        INTEGER NOT NULL,
+    chunk      INTEGER NOT NULL,
+    extent_id  INTEGER NOT NULL,
+    PRIMARY KEY (ino, chunk)
+) WITHOUT ROWID;
+CREATE INDEX file_extents_extent ON file_extents (extent_id);
+CREATE TABLE repair_queue (
+    extent_id  INTEGER PRIMARY KEY,
+    reason     TEXT    NOT NULL,
+    queued     REAL    NOT NULL
+);
+CREATE TABLE events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    time    REAL    NOT NULL,
+    kind    TEXT    NOT NULL,
+    detail  TEXT    NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [_V1]
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,141 @@
+"""MetaStore: the one SQLite connection of a pool, and how changes become durable.
+
+Rules:
+- One connection per open pool, shared by threads under `lock` (an RLock).
+- Every change runs inside `write()`: a SAVEPOINT inside one long transaction.
+  Changes are group-committed by `commit()` (on fsync, a timer, unmount, or at the
+  end of an offline command), so many small operations share one fsync.
+- `commit()` first runs the before-commit hooks, which make every fragment named by
+  the transaction durable (DESIGN invariant 3), then COMMITs (WAL, synchronous=FULL),
+  then runs the after-commit actions (deleting fragment files freed by it).
+- An after-commit action registered inside a `write()` that rolls back is dropped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dynamicfs.errors import PoolError
+from dynamicfs.meta.schema import MIGRATIONS, SCHEMA_VERSION
+
+DB_NAME = "pool.db"
+
+
+class MetaStore:
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise PoolError(f"{self.path.parent} has no metadata database ({DB_NAME}); "
+                            "run 'dynamicfs recover-metadata' or check the path")
+        try:
+            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=OFF")
+            self.conn.execute("PRAGMA cache_size=-65536")
+        except sqlite3.DatabaseError as exc:
+            raise PoolError(f"metadata database {self.path} is unreadable ({exc}); "
+                            "run 'dynamicfs recover-metadata'") from None
+        self.lock = threading.RLock()
+        self._in_tx = False
+        self._depth = 0
+        self.before_commit: list[Callable[[], None]] = []
+        self._after_commit: list[Callable[[], None]] = []
+        self.commits = 0
+
+    # -- schema --------------------------------------------------------------
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        """Bring the schema up to date, one migration per transaction."""
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise PoolError(f"metadata schema {version} is newer than this DynamicFS "
+                            f"({SCHEMA_VERSION}); upgrade DynamicFS")
+        for target in range(version, SCHEMA_VERSION):
+            with self.lock:
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _statements(MIGRATIONS[target]):
+                        self.conn.execute(statement)
+                    self.conn.execute(f"PRAGMA user_version={target + 1}")
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+
+    # -- transactions ----------------------------------------------------------
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One atomic change inside the current group transaction."""
+        with self.lock:
+            if not self._in_tx:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self._in_tx = True
+            self._depth += 1
+            name = f"op{self._depth}"
+            mark = len(self._after_commit)
+            self.conn.execute(f"SAVEPOINT {name}")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute(f"ROLLBACK TO {name}")
+                self.conn.execute(f"RELEASE {name}")
+                del self._after_commit[mark:]
+                raise
+            else:
+                self.conn.execute(f"RELEASE {name}")
+            finally:
+                self._depth -= 1
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        with self.lock:
+            yield self.conn
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` once the current transaction has committed (dropped on rollback)."""
+        with self.lock:
+            self._after_commit.append(action)
+
+    @property
+    def dirty(self) -> bool:
+        return self._in_tx
+
+    def commit(self) -> None:
+        """Make every change so far durable, fragments first (invariant 3)."""
+        with self.lock:
+            if not self._in_tx:
+                return
+            if self._depth:
+                raise RuntimeError("commit() inside write()")
+            for hook in self.before_commit:
+                hook()
+            self.conn.execute("COMMIT")
+            self._in_tx = False
+            self.commits += 1
+            actions, self._after_commit = self._after_commit, []
+        for action in actions:
+            action()
+
+    def rollback(self) -> None:
+        with self.lock:
+            if self._in_tx:
+                self.conn.execute("ROLLBACK")
+                self._in_tx = False
+                self._after_commit = []
+
+    def close(self) -> None:
+        with self.lock:
+            self.commit()
+            self.conn.close()
+
+
+def _statements(script: str) -> list[str]:
+    parts = [p.strip() for p in script.split(";")]
+    return [p for p in parts if p]

@@ -1,0 +1,1 @@
+"""Namespace layer: POSIX semantics over the extent store, with no knowledge of FUSE."""

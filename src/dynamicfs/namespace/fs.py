@@ -1,0 +1,920 @@
+"""The POSIX namespace over a pool: inodes, entries, links, xattrs, open files, file data.
+
+Concurrency rules:
+- Every method is synchronous and thread-safe. Metadata work runs under the pool's
+  metadata lock (one RLock, shared with MetaStore); `self.cond` waits on it.
+- File data is cut at extent boundaries: chunk c of a file covers bytes
+  [c*E, (c+1)*E) where E is the pool's extent size. `file_extents(ino, chunk)` maps a
+  chunk to an immutable extent; no row is a hole and reads as zeros.
+- Writes land in per-file dirty chunk buffers. A full chunk (or, at release, fsync,
+  memory pressure or commit, a partial one) is handed to the flusher thread, which
+  writes it as a new extent outside the lock and then swaps the mapping in one
+  metadata change, freeing the old extent once no file refers to it. Until recorded,
+  the handed-off bytes stay readable from `inflight`. One flusher keeps hand-offs of
+  the same chunk in order.
+- Durability: fsync() flushes the file's chunks, waits for them, then group-commits
+  (fragments synced before the metadata commit: DESIGN invariant 3). A commit timer
+  does the same for everything every `commit_interval` seconds.
+- An unlinked file that is still open keeps its inode and data until its last
+  release; inodes left with no links after a crash are removed at start-up.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from sqlite3 import Connection
+
+from dynamicfs.engine.pool import Pool
+from dynamicfs.errors import DynamicFSError, FsError, NoSpaceError, PolicyError
+from dynamicfs.namespace.types import (
+    LAYOUT_XATTR,
+    NAME_MAX,
+    POLICY_XATTR,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    ROOT_INO,
+    Attr,
+    DirEntry,
+    FsStats,
+)
+from dynamicfs.observability.log import error
+from dynamicfs.placement.placement import usable_capacity
+from dynamicfs.redundancy.policy import AUTO, AUTO_EC_THRESHOLD, parse_policy
+
+INFLIGHT_LIMIT = 64 * 1024 * 1024
+DIRTY_LIMIT = 96 * 1024 * 1024
+FLUSH_BATCH_BYTES = 16 * 1024 * 1024
+FLUSH_BATCH_ITEMS = 256
+ATIME_GRACE_NS = 24 * 3600 * 10**9
+
+_INODE_COLS = "ino, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns"
+
+
+@dataclass
+class FileState:
+    """What the namespace knows of a file beyond its metadata row."""
+
+    opens: int = 0
+    dirty: dict[int, bytearray] = field(default_factory=dict)
+    inflight: dict[int, bytes] = field(default_factory=dict)
+    pending: int = 0
+    error: int = 0
+
+    @property
+    def idle(self) -> bool:
+        return not (self.opens or self.dirty or self.inflight or self.pending)
+
+
+class Namespace:
+    def __init__(self, pool: Pool, *, commit_interval: float = 5.0) -> None:
+        self.pool = pool
+        self.meta = pool.meta
+        self.store = pool.store
+        self.extent_size = pool.config.extent_size
+        self.lock = pool.meta.lock
+        self.cond = threading.Condition(self.lock)
+        self.files: dict[int, FileState] = {}
+        self._dirty_bytes = 0
+        self._inflight_bytes = 0
+        self._queue: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue()
+        self._closing = threading.Event()
+        self.commit_interval = commit_interval
+        self._zero = bytes(self.extent_size)
+        self._remove_unlinked()
+        self._flusher = threading.Thread(target=self._flush_loop, name="dynamicfs-flusher",
+                                         daemon=True)
+        self._flusher.start()
+        self._committer = threading.Thread(target=self._commit_loop, name="dynamicfs-commit",
+                                           daemon=True)
+        self._committer.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Flush every file, commit, stop the background threads."""
+        self.sync_all()
+        self._closing.set()
+        self._queue.put(None)
+        self._flusher.join()
+        self._committer.join()
+        self.meta.commit()
+
+    def sync_all(self) -> None:
+        with self.lock:
+            for ino, st in list(self.files.items()):
+                self._enqueue_dirty(ino, st)
+            while any(st.pending for st in self.files.values()):
+                self.cond.wait()
+            self.meta.commit()
+
+    def _remove_unlinked(self) -> None:
+        with self.meta.write() as conn:
+            for (ino,) in conn.execute("SELECT ino FROM inodes WHERE nlink = 0").fetchall():
+                self._destroy(conn, ino)
+        self.meta.commit()
+
+    # ------------------------------------------------------------------ attributes
+    def _row(self, conn: Connection, ino: int) -> tuple:  # type: ignore[type-arg]
+        row = conn.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is None:
+            raise FsError(errno.ENOENT)
+        return row  # type: ignore[no-any-return]
+
+    def _attr(self, conn: Connection, row: tuple) -> Attr:  # type: ignore[type-arg]
+        ino, mode, nlink, uid, gid, rdev, size, atime, mtime, ctime = row
+        stored = 0
+        if stat.S_ISREG(mode):
+            stored = conn.execute("SELECT coalesce(sum(e.length), 0) FROM file_extents f "
+                                  "JOIN extents e ON e.id = f.extent_id WHERE f.ino = ?",
+                                  (ino,)).fetchone()[0]
+            st = self.files.get(ino)
+            if st is not None:
+                stored += sum(len(b) for b in st.dirty.values())
+        elif stat.S_ISLNK(mode):
+            stored = size
+        return Attr(ino, mode, nlink, uid, gid, rdev, size, (stored + 511) // 512,
+                    atime, mtime, ctime)
+
+    def getattr(self, ino: int) -> Attr:
+        with self.meta.read() as conn:
+            return self._attr(conn, self._row(conn, ino))
+
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None) -> Attr:
+        with self.lock:
+            now = time.time_ns()
+            if size is not None:
+                self._truncate(ino, size, now)
+            with self.meta.write() as conn:
+                row = self._row(conn, ino)
+                sets: list[str] = ["ctime_ns = ?"]
+                args: list[object] = [now]
+                if mode is not None:
+                    sets.append("mode = ?")
+                    args.append((row[1] & ~0o7777) | (mode & 0o7777))
+                if uid is not None:
+                    sets.append("uid = ?")
+                    args.append(uid)
+                if gid is not None:
+                    sets.append("gid = ?")
+                    args.append(gid)
+                if atime_ns is not None:
+                    sets.append("atime_ns = ?")
+                    args.append(atime_ns)
+                if mtime_ns is not None:
+                    sets.append("mtime_ns = ?")
+                    args.append(mtime_ns)
+                conn.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE ino = ?", (*args, ino))
+                return self._attr(conn, self._row(conn, ino))
+
+    # ------------------------------------------------------------------ lookups
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        with self.meta.read() as conn:
+            if name == b".":
+                return self._attr(conn, self._row(conn, parent))
+            if name == b"..":
+                return self._attr(conn, self._row(conn, self._parent_of(conn, parent)))
+            row = conn.execute(f"SELECT {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))} "
+                               "FROM dentries d JOIN inodes i ON i.ino = d.ino "
+                               "WHERE d.parent = ? AND d.name = ?", (parent, name)).fetchone()
+            if row is None:
+                self._row(conn, parent)
+                raise FsError(errno.ENOENT)
+            return self._attr(conn, row)
+
+    def _parent_of(self, conn: Connection, ino: int) -> int:
+        if ino == ROOT_INO:
+            return ROOT_INO
+        row = conn.execute("SELECT parent FROM dentries WHERE ino = ? LIMIT 1", (ino,)).fetchone()
+        if row is None:
+            raise FsError(errno.ENOENT)
+        return int(row[0])
+
+    def _entry(self, conn: Connection, parent: int, name: bytes) -> int | None:
+        row = conn.execute("SELECT ino FROM dentries WHERE parent = ? AND name = ?",
+                           (parent, name)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _dir_row(self, conn: Connection, ino: int) -> tuple:  # type: ignore[type-arg]
+        row = self._row(conn, ino)
+        if not stat.S_ISDIR(row[1]):
+            raise FsError(errno.ENOTDIR)
+        return row
+
+    # ------------------------------------------------------------------ creation
+    def _check_name(self, name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if not name or b"/" in name or name in (b".", b".."):
+            raise FsError(errno.EINVAL)
+
+    def _new_inode(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+                   rdev: int = 0, target: bytes | None = None) -> Attr:
+        self._check_name(name)
+        with self.meta.write() as conn:
+            prow = self._dir_row(conn, parent)
+            if self._entry(conn, parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            if prow[1] & stat.S_ISGID:  # BSD group semantics for setgid directories
+                gid = prow[4]
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            now = time.time_ns()
+            policy = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (parent,)).fetchone()[0]
+            is_dir = stat.S_ISDIR(mode)
+            cur = conn.execute(
+                "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, "
+                "ctime_ns, policy, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mode, uid, gid, 2 if is_dir else 1, len(target) if target else 0, rdev,
+                 now, now, now, policy, target))
+            ino = cur.lastrowid
+            conn.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
+                         (parent, name, ino))
+            conn.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ?, nlink = nlink + ? "
+                         "WHERE ino = ?", (now, now, 1 if is_dir else 0, parent))
+            assert ino is not None
+            return self._attr(conn, self._row(conn, ino))
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        return self._new_inode(parent, name, mode, uid, gid, rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return self._new_inode(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        """Create a regular file and open it (release() it later)."""
+        attr = self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        self.open(attr.ino)
+        return attr
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        return self._new_inode(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        with self.meta.read() as conn:
+            row = conn.execute("SELECT mode, target FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is None:
+            raise FsError(errno.ENOENT)
+        if not stat.S_ISLNK(row[0]):
+            raise FsError(errno.EINVAL)
+        return bytes(row[1])
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        self._check_name(new_name)
+        with self.meta.write() as conn:
+            row = self._row(conn, ino)
+            if stat.S_ISDIR(row[1]):
+                raise FsError(errno.EPERM)
+            self._dir_row(conn, new_parent)
+            if self._entry(conn, new_parent, new_name) is not None:
+                raise FsError(errno.EEXIST)
+            now = time.time_ns()
+            conn.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
+                         (new_parent, new_name, ino))
+            conn.execute("UPDATE inodes SET nlink = nlink + 1, ctime_ns = ? WHERE ino = ?",
+                         (now, ino))
+            conn.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
+                         (now, now, new_parent))
+            return self._attr(conn, self._row(conn, ino))
+
+    # ------------------------------------------------------------------ removal
+    def unlink(self, parent: int, name: bytes) -> None:
+        with self.meta.write() as conn:
+            self._dir_row(conn, parent)
+            ino = self._entry(conn, parent, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            if stat.S_ISDIR(self._row(conn, ino)[1]):
+                raise FsError(errno.EISDIR)
+            self._drop_entry(conn, parent, name, ino)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        with self.meta.write() as conn:
+            self._dir_row(conn, parent)
+            ino = self._entry(conn, parent, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            self._dir_row(conn, ino)
+            if conn.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (ino,)).fetchone():
+                raise FsError(errno.ENOTEMPTY)
+            self._drop_entry(conn, parent, name, ino)
+
+    def _drop_entry(self, conn: Connection, parent: int, name: bytes, ino: int) -> None:
+        """Remove one directory entry and the link it held; free the inode if it was the last."""
+        now = time.time_ns()
+        mode = self._row(conn, ino)[1]
+        conn.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+        if stat.S_ISDIR(mode):
+            conn.execute("UPDATE inodes SET nlink = 0, ctime_ns = ? WHERE ino = ?", (now, ino))
+            conn.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?", (parent,))
+        else:
+            conn.execute("UPDATE inodes SET nlink = nlink - 1, ctime_ns = ? WHERE ino = ?",
+                         (now, ino))
+        conn.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
+                     (now, now, parent))
+        nlink = conn.execute("SELECT nlink FROM inodes WHERE ino = ?", (ino,)).fetchone()[0]
+        st = self.files.get(ino)
+        if nlink <= 0 and (st is None or st.opens == 0):
+            self._destroy(conn, ino)
+
+    def _destroy(self, conn: Connection, ino: int) -> None:
+        """Delete an inode with no links and no opens, and free its data."""
+        st = self.files.get(ino)
+        if st is not None:
+            while st.pending:
+                self.cond.wait()
+            self._dirty_bytes -= sum(len(b) for b in st.dirty.values())
+            self.files.pop(ino, None)
+        extents = [r[0] for r in conn.execute("SELECT extent_id FROM file_extents WHERE ino = ?",
+                                              (ino,))]
+        conn.execute("DELETE FROM file_extents WHERE ino = ?", (ino,))
+        conn.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
+        conn.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        self.store.free_if_unreferenced(conn, extents)
+
+    # ------------------------------------------------------------------ rename
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        self._check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
+                flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        with self.meta.write() as conn:
+            self._dir_row(conn, old_parent)
+            self._dir_row(conn, new_parent)
+            src = self._entry(conn, old_parent, old_name)
+            if src is None:
+                raise FsError(errno.ENOENT)
+            dst = self._entry(conn, new_parent, new_name)
+            src_dir = stat.S_ISDIR(self._row(conn, src)[1])
+            if src_dir and self._is_ancestor(conn, src, new_parent):
+                raise FsError(errno.EINVAL)
+            now = time.time_ns()
+            if flags & RENAME_EXCHANGE:
+                if dst is None:
+                    raise FsError(errno.ENOENT)
+                dst_dir = stat.S_ISDIR(self._row(conn, dst)[1])
+                if dst_dir and self._is_ancestor(conn, dst, old_parent):
+                    raise FsError(errno.EINVAL)
+                conn.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?",
+                             (dst, old_parent, old_name))
+                conn.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?",
+                             (src, new_parent, new_name))
+                if src_dir != dst_dir and old_parent != new_parent:
+                    delta = 1 if src_dir else -1
+                    conn.execute("UPDATE inodes SET nlink = nlink + ? WHERE ino = ?",
+                                 (delta, new_parent))
+                    conn.execute("UPDATE inodes SET nlink = nlink - ? WHERE ino = ?",
+                                 (delta, old_parent))
+                self._touch(conn, now, [src, dst], [old_parent, new_parent])
+                return
+            if dst is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise FsError(errno.EEXIST)
+                if dst == src:
+                    return
+                dst_dir = stat.S_ISDIR(self._row(conn, dst)[1])
+                if src_dir and not dst_dir:
+                    raise FsError(errno.ENOTDIR)
+                if dst_dir and not src_dir:
+                    raise FsError(errno.EISDIR)
+                if dst_dir and conn.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1",
+                                            (dst,)).fetchone():
+                    raise FsError(errno.ENOTEMPTY)
+                self._drop_entry(conn, new_parent, new_name, dst)
+            conn.execute("DELETE FROM dentries WHERE parent = ? AND name = ?",
+                         (old_parent, old_name))
+            conn.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
+                         (new_parent, new_name, src))
+            if src_dir and old_parent != new_parent:
+                conn.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?", (old_parent,))
+                conn.execute("UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?", (new_parent,))
+            self._touch(conn, now, [src], [old_parent, new_parent])
+
+    def _touch(self, conn: Connection, now: int, moved: list[int], parents: list[int]) -> None:
+        """A rename changes the moved inodes' ctime and the parents' mtime and ctime."""
+        conn.executemany("UPDATE inodes SET ctime_ns = ? WHERE ino = ?",
+                         [(now, ino) for ino in set(moved)])
+        conn.executemany("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
+                         [(now, now, ino) for ino in set(parents)])
+
+    def _is_ancestor(self, conn: Connection, ancestor: int, ino: int) -> bool:
+        """True when `ancestor` is `ino` or one of its parents."""
+        seen = 0
+        while True:
+            if ino == ancestor:
+                return True
+            if ino == ROOT_INO or seen > 4096:
+                return False
+            ino = self._parent_of(conn, ino)
+            seen += 1
+
+    # ------------------------------------------------------------------ directories
+    def readdir(self, ino: int, offset: int = 0, limit: int = 1000) -> list[DirEntry]:
+        """Entries after `offset` (0 = start); each carries the offset of the next one.
+
+        Offsets are entry ids, so they stay valid while the directory changes.
+        """
+        cols = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
+        with self.meta.read() as conn:
+            self._dir_row(conn, ino)
+            rows = conn.execute(f"SELECT d.id, d.name, {cols} FROM dentries d "
+                                "JOIN inodes i ON i.ino = d.ino WHERE d.parent = ? AND d.id > ? "
+                                "ORDER BY d.id LIMIT ?", (ino, offset, limit)).fetchall()
+            return [DirEntry(bytes(r[1]), self._attr(conn, r[2:]), r[0]) for r in rows]
+
+    # ------------------------------------------------------------------ open files
+    def _state(self, ino: int) -> FileState:
+        st = self.files.get(ino)
+        if st is None:
+            st = self.files[ino] = FileState()
+        return st
+
+    def open(self, ino: int) -> None:
+        with self.lock:
+            with self.meta.read() as conn:
+                row = self._row(conn, ino)
+            if stat.S_ISDIR(row[1]):
+                raise FsError(errno.EISDIR)
+            self._state(ino).opens += 1
+
+    def release(self, ino: int) -> None:
+        """Last close of a handle: hand its data to the flusher; free it if unlinked."""
+        with self.lock:
+            st = self.files.get(ino)
+            if st is None:
+                return
+            st.opens -= 1
+            if st.opens > 0:
+                return
+            self._enqueue_dirty(ino, st)
+            with self.meta.write() as conn:
+                row = conn.execute("SELECT nlink, size, policy FROM inodes WHERE ino = ?",
+                                   (ino,)).fetchone()
+                if row is not None and row[0] <= 0:
+                    self._destroy(conn, ino)
+                    return
+            if row is not None:
+                self._convert_auto(ino, st, row[1], row[2])
+            if st.idle:
+                self.files.pop(ino, None)
+
+    def _convert_auto(self, ino: int, st: FileState, size: int, policy: str | None) -> None:
+        """Under `auto`, rewrite extents whose layout no longer fits the file's final size."""
+        if parse_policy(policy or self.pool.config.default_policy) != AUTO:
+            return
+        if size < AUTO_EC_THRESHOLD:
+            return
+        want = str(self.pool.resolve_policy(policy, size))
+        with self.meta.read() as conn:
+            rows = conn.execute("SELECT f.chunk, f.extent_id FROM file_extents f JOIN extents e "
+                                "ON e.id = f.extent_id WHERE f.ino = ? AND e.policy != ?",
+                                (ino, want)).fetchall()
+        for chunk, extent_id in rows:
+            if chunk in st.dirty or chunk in st.inflight:
+                continue
+            try:
+                data = self.store.read(extent_id)
+            except FsError:
+                continue
+            self._enqueue(ino, st, chunk, data)
+
+    def flush(self, ino: int) -> None:
+        """close() of one handle: report an earlier write-back error, if any."""
+        with self.lock:
+            st = self.files.get(ino)
+            if st is not None and st.error:
+                code, st.error = st.error, 0
+                raise FsError(code)
+
+    def fsync(self, ino: int, datasync: bool = False) -> None:
+        with self.lock:
+            st = self.files.get(ino)
+            if st is not None:
+                self._enqueue_dirty(ino, st)
+                while st.pending:
+                    self.cond.wait()
+            self.meta.commit()
+            if st is not None and st.error:
+                code, st.error = st.error, 0
+                raise FsError(code)
+
+    # ------------------------------------------------------------------ data
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        for _ in range(3):
+            plan, length = self._read_plan(ino, offset, size)
+            try:
+                return self._assemble(plan, offset, length)
+            except FsError as exc:
+                if exc.errno != errno.EIO or self._read_plan(ino, offset, size) == (plan, length):
+                    raise
+        raise FsError(errno.EIO)
+
+    def _read_plan(self, ino: int, offset: int, size: int
+                   ) -> tuple[list[tuple[int, int, bytes | int | None]], int]:
+        """Per chunk: (chunk, chunk start, dirty bytes | extent id | None for a hole)."""
+        E = self.extent_size
+        with self.lock:
+            with self.meta.read() as conn:
+                row = self._row(conn, ino)
+                if stat.S_ISDIR(row[1]):
+                    raise FsError(errno.EISDIR)
+                file_size = row[6]
+                if offset >= file_size or size <= 0:
+                    return [], 0
+                length = min(size, file_size - offset)
+                first, last = offset // E, (offset + length - 1) // E
+                mapped = dict(conn.execute("SELECT chunk, extent_id FROM file_extents WHERE "
+                                           "ino = ? AND chunk BETWEEN ? AND ?",
+                                           (ino, first, last)).fetchall())
+                self._touch_atime(conn, row)
+            st = self.files.get(ino)
+            plan: list[tuple[int, int, bytes | int | None]] = []
+            for chunk in range(first, last + 1):
+                src: bytes | int | None = mapped.get(chunk)
+                if st is not None:
+                    if chunk in st.dirty:
+                        src = bytes(st.dirty[chunk])
+                    elif chunk in st.inflight:
+                        src = st.inflight[chunk]
+                plan.append((chunk, chunk * E, src))
+            return plan, length
+
+    def _touch_atime(self, conn: Connection, row: tuple) -> None:  # type: ignore[type-arg]
+        ino, atime, mtime, ctime = row[0], row[7], row[8], row[9]
+        now = time.time_ns()
+        if atime <= mtime or atime <= ctime or now - atime > ATIME_GRACE_NS:
+            with self.meta.write() as wconn:
+                wconn.execute("UPDATE inodes SET atime_ns = ? WHERE ino = ?", (now, ino))
+
+    def _assemble(self, plan: list[tuple[int, int, bytes | int | None]], offset: int,
+                  length: int) -> bytes:
+        if not plan:
+            return b""
+        E = self.extent_size
+        parts: list[bytes | memoryview] = []
+        end = offset + length
+        for _chunk, start, src in plan:
+            lo, hi = max(offset, start) - start, min(end, start + E) - start
+            if isinstance(src, int):
+                src = self.store.read(src)
+            if src is None:
+                parts.append(self._zero[: hi - lo])
+                continue
+            piece = memoryview(src)[lo:hi]
+            parts.append(piece)
+            if len(piece) < hi - lo:
+                parts.append(self._zero[: hi - lo - len(piece)])
+        return parts[0].tobytes() if len(parts) == 1 and isinstance(parts[0], memoryview) \
+            else b"".join(parts)
+
+    def write(self, ino: int, offset: int, data: bytes) -> int:
+        E = self.extent_size
+        with self.lock:
+            st = self._state(ino)
+            if st.error:
+                code, st.error = st.error, 0
+                raise FsError(code)
+            with self.meta.read() as conn:
+                row = self._row(conn, ino)
+            if not stat.S_ISREG(row[1]):
+                raise FsError(errno.EINVAL)
+            file_size = row[6]
+            self._check_space(len(data))
+            pos = 0
+            view = memoryview(data)
+            while pos < len(data):
+                chunk, inoff = divmod(offset + pos, E)
+                n = min(E - inoff, len(data) - pos)
+                piece = view[pos: pos + n]
+                pos += n
+                buf = st.dirty.get(chunk)
+                if buf is None:
+                    if inoff == 0 and n == E:
+                        self._enqueue(ino, st, chunk, piece.tobytes())
+                        continue
+                    buf = self._load_chunk(ino, st, chunk, file_size)
+                    st.dirty[chunk] = buf
+                    self._dirty_bytes += len(buf)
+                before = len(buf)
+                if before < inoff:
+                    buf.extend(bytes(inoff - before))
+                buf[inoff: inoff + n] = piece
+                self._dirty_bytes += len(buf) - before
+                if len(buf) >= E:
+                    del st.dirty[chunk]
+                    self._dirty_bytes -= len(buf)
+                    self._enqueue(ino, st, chunk, bytes(buf))
+            now = time.time_ns()
+            with self.meta.write() as conn:
+                conn.execute("UPDATE inodes SET size = max(size, ?), mtime_ns = ?, ctime_ns = ?, "
+                             "mode = mode & ? WHERE ino = ?",
+                             (offset + len(data), now, now, ~(stat.S_ISUID | stat.S_ISGID)
+                              if row[1] & 0o111 else ~0, ino))
+            if self._dirty_bytes > DIRTY_LIMIT:
+                self._enqueue_dirty(ino, st)
+            while self._inflight_bytes > INFLIGHT_LIMIT:
+                self.cond.wait()
+            return len(data)
+
+    def _check_space(self, nbytes: int) -> None:
+        """Fail a write with ENOSPC up front when no extent could be placed at all."""
+        healthy = self.pool.healthy_disks()
+        free = [self.store.disk_free(d.id) for d in healthy]
+        policy = self.pool.resolve_policy(None, 0)
+        need = min(nbytes, self.extent_size) // policy.k + 4096
+        fitting = sum(1 for f in free if f >= need)
+        if fitting < policy.minimum:
+            raise NoSpaceError("no room left on the pool's healthy disks")
+
+    def _load_chunk(self, ino: int, st: FileState, chunk: int, file_size: int) -> bytearray:
+        """The current bytes of a chunk, for a read-modify-write."""
+        E = self.extent_size
+        valid = max(0, min(E, file_size - chunk * E))
+        if valid == 0:
+            return bytearray()
+        if chunk in st.inflight:
+            return bytearray(st.inflight[chunk][:valid])
+        with self.meta.read() as conn:
+            row = conn.execute("SELECT extent_id FROM file_extents WHERE ino = ? AND chunk = ?",
+                               (ino, chunk)).fetchone()
+        if row is None:
+            return bytearray(valid)
+        data = bytearray(self.store.read(row[0])[:valid])
+        if len(data) < valid:
+            data.extend(bytes(valid - len(data)))
+        return data
+
+    def _truncate(self, ino: int, size: int, now: int) -> None:
+        E = self.extent_size
+        st = self._state(ino)
+        while st.pending:
+            self.cond.wait()
+        with self.meta.write() as conn:
+            row = self._row(conn, ino)
+            if stat.S_ISDIR(row[1]):
+                raise FsError(errno.EISDIR)
+            if not stat.S_ISREG(row[1]):
+                raise FsError(errno.EINVAL)
+            old = row[6]
+            if size < old:
+                last = (size + E - 1) // E  # chunks >= last go entirely
+                for chunk in [c for c in st.dirty if c >= last]:
+                    self._dirty_bytes -= len(st.dirty.pop(chunk))
+                freed = [r[0] for r in conn.execute(
+                    "SELECT extent_id FROM file_extents WHERE ino = ? AND chunk >= ?", (ino, last))]
+                conn.execute("DELETE FROM file_extents WHERE ino = ? AND chunk >= ?", (ino, last))
+                self.store.free_if_unreferenced(conn, freed)
+                if size % E:
+                    chunk = size // E
+                    buf = st.dirty.get(chunk)
+                    if buf is None:
+                        buf = self._load_chunk(ino, st, chunk, old)
+                        self._dirty_bytes += len(buf)
+                        st.dirty[chunk] = buf
+                    self._dirty_bytes -= len(buf) - (size % E)
+                    del buf[size % E:]
+            conn.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
+                         (size, now, now, ino))
+        if st.idle:
+            self.files.pop(ino, None)
+
+    def fallocate(self, ino: int, offset: int, length: int) -> None:
+        """Mode 0 only: extend the file size (space is not reserved ahead)."""
+        with self.meta.write() as conn:
+            row = self._row(conn, ino)
+            if not stat.S_ISREG(row[1]):
+                raise FsError(errno.ENODEV)
+            if offset + length > row[6]:
+                now = time.time_ns()
+                conn.execute("UPDATE inodes SET size = ?, ctime_ns = ? WHERE ino = ?",
+                             (offset + length, now, ino))
+
+    # ------------------------------------------------------------------ flushing
+    def _enqueue(self, ino: int, st: FileState, chunk: int, data: bytes) -> None:
+        st.inflight[chunk] = data
+        st.pending += 1
+        self._inflight_bytes += len(data)
+        self._queue.put((ino, chunk, data))
+
+    def _enqueue_dirty(self, ino: int, st: FileState) -> None:
+        for chunk in sorted(st.dirty):
+            buf = st.dirty.pop(chunk)
+            self._dirty_bytes -= len(buf)
+            self._enqueue(ino, st, chunk, bytes(buf))
+
+    def _flush_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            size = len(item[2])
+            while size < FLUSH_BATCH_BYTES and len(batch) < FLUSH_BATCH_ITEMS:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+                size += len(nxt[2])
+            try:
+                self._flush_batch(batch)
+            except BaseException as exc:  # never let the flusher die silently
+                error("flush failed", exc_info=repr(exc))
+                self._finish(batch, errno.EIO, [])
+
+    def _flush_batch(self, batch: list[tuple[int, int, bytes]]) -> None:
+        with self.meta.read() as conn:
+            info = {}
+            for ino in {b[0] for b in batch}:
+                row = conn.execute("SELECT size, policy FROM inodes WHERE ino = ?",
+                                   (ino,)).fetchone()
+                if row is not None:
+                    info[ino] = row
+        todo: list[tuple[int, int, bytes]] = []
+        holes: list[tuple[int, int, bytes]] = []
+        for ino, chunk, data in batch:
+            if ino not in info:
+                continue
+            (holes if data.count(0) == len(data) else todo).append((ino, chunk, data))
+        written = []
+        failure = 0
+        try:
+            if todo:
+                items = [(data, self.pool.resolve_policy(info[ino][1], info[ino][0]))
+                         for ino, _, data in todo]
+                written = self.store.write(items)
+        except FsError as exc:
+            failure = exc.errno or errno.EIO
+            error("write-back failed", inodes=sorted({t[0] for t in todo}), reason=str(exc))
+            todo = []
+        except DynamicFSError as exc:
+            failure = errno.EIO
+            error("write-back failed", reason=str(exc))
+            todo = []
+        with self.lock:
+            try:
+                with self.meta.write() as conn:
+                    for (ino, chunk, _), w in zip(todo, written, strict=True):
+                        self._map(conn, ino, chunk, w.info.id)
+                    self.store.record(conn, [w for (ino, _c, _d), w in zip(todo, written,
+                                                                          strict=True)
+                                             if ino in self.files or ino in info])
+                    for ino, chunk, _ in holes:
+                        self._map(conn, ino, chunk, None)
+            except BaseException:
+                self.store.discard(written)
+                raise
+            finally:
+                self._finish(batch, failure, todo)
+
+    def _map(self, conn: Connection, ino: int, chunk: int, extent_id: int | None) -> None:
+        old = conn.execute("SELECT extent_id FROM file_extents WHERE ino = ? AND chunk = ?",
+                           (ino, chunk)).fetchone()
+        if extent_id is None:
+            conn.execute("DELETE FROM file_extents WHERE ino = ? AND chunk = ?", (ino, chunk))
+        else:
+            conn.execute("INSERT OR REPLACE INTO file_extents (ino, chunk, extent_id) "
+                         "VALUES (?, ?, ?)", (ino, chunk, extent_id))
+        if old is not None:
+            self.store.free_if_unreferenced(conn, [old[0]])
+
+    def _finish(self, batch: list[tuple[int, int, bytes]], failure: int,
+                done: list[tuple[int, int, bytes]]) -> None:
+        with self.lock:
+            for ino, chunk, data in batch:
+                self._inflight_bytes -= len(data)
+                st = self.files.get(ino)
+                if st is None:
+                    continue
+                st.pending -= 1
+                if st.inflight.get(chunk) is data:
+                    del st.inflight[chunk]
+                if failure:
+                    st.error = failure
+                if st.idle:
+                    self.files.pop(ino, None)
+            self.cond.notify_all()
+
+    def _commit_loop(self) -> None:
+        while not self._closing.wait(self.commit_interval):
+            try:
+                with self.lock:
+                    for ino, st in list(self.files.items()):
+                        if st.opens == 0:
+                            self._enqueue_dirty(ino, st)
+                    if self.meta.dirty:
+                        self.meta.commit()
+            except Exception as exc:
+                error("periodic commit failed", reason=repr(exc))
+
+    # ------------------------------------------------------------------ xattrs
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if name == POLICY_XATTR:
+            return self.effective_policy(ino).encode()
+        if name == LAYOUT_XATTR:
+            return self.layout(ino).encode()
+        with self.meta.read() as conn:
+            self._row(conn, ino)
+            row = conn.execute("SELECT value FROM xattrs WHERE ino = ? AND name = ?",
+                               (ino, name)).fetchone()
+        if row is None:
+            raise FsError(errno.ENODATA)
+        return bytes(row[0])
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        XATTR_CREATE, XATTR_REPLACE = 1, 2
+        if name == LAYOUT_XATTR:
+            raise FsError(errno.EPERM, "user.dynamicfs.layout is read-only")
+        if name == POLICY_XATTR:
+            self.set_policy(ino, value.decode(errors="replace"))
+            return
+        if len(name) > 255 or len(value) > 65536:
+            raise FsError(errno.ERANGE if len(name) <= 255 else errno.ENAMETOOLONG)
+        with self.meta.write() as conn:
+            self._row(conn, ino)
+            exists = conn.execute("SELECT 1 FROM xattrs WHERE ino = ? AND name = ?",
+                                  (ino, name)).fetchone() is not None
+            if flags & XATTR_CREATE and exists:
+                raise FsError(errno.EEXIST)
+            if flags & XATTR_REPLACE and not exists:
+                raise FsError(errno.ENODATA)
+            conn.execute("INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)",
+                         (ino, name, value))
+            conn.execute("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (time.time_ns(), ino))
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        with self.meta.read() as conn:
+            self._row(conn, ino)
+            return [bytes(r[0]) for r in conn.execute(
+                "SELECT name FROM xattrs WHERE ino = ? ORDER BY name", (ino,))]
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        if name in (POLICY_XATTR, LAYOUT_XATTR):
+            if name == POLICY_XATTR:
+                with self.meta.write() as conn:
+                    self._row(conn, ino)
+                    conn.execute("UPDATE inodes SET policy = NULL WHERE ino = ?", (ino,))
+                return
+            raise FsError(errno.EPERM)
+        with self.meta.write() as conn:
+            self._row(conn, ino)
+            cur = conn.execute("DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name))
+            if cur.rowcount == 0:
+                raise FsError(errno.ENODATA)
+            conn.execute("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (time.time_ns(), ino))
+
+    # ------------------------------------------------------------------ policies
+    def effective_policy(self, ino: int) -> str:
+        with self.meta.read() as conn:
+            self._row(conn, ino)
+            own = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (ino,)).fetchone()[0]
+        return str(own or self.pool.config.default_policy)
+
+    def set_policy(self, ino: int, text: str) -> None:
+        try:
+            policy = parse_policy(text.strip("\x00"))
+        except PolicyError as exc:
+            raise FsError(errno.EINVAL, str(exc)) from None
+        with self.meta.write() as conn:
+            self._row(conn, ino)
+            conn.execute("UPDATE inodes SET policy = ?, ctime_ns = ? WHERE ino = ?",
+                         (str(policy), time.time_ns(), ino))
+
+    def layout(self, ino: int) -> str:
+        """One line per extent: chunk, extent id, policy, length, fragments and their disks."""
+        lines = []
+        with self.meta.read() as conn:
+            self._row(conn, ino)
+            rows = conn.execute("SELECT f.chunk, e.id, e.policy, e.length FROM file_extents f "
+                                "JOIN extents e ON e.id = f.extent_id WHERE f.ino = ? "
+                                "ORDER BY f.chunk", (ino,)).fetchall()
+            for chunk, extent_id, policy, length in rows:
+                frags = conn.execute("SELECT idx, disk_id FROM fragments WHERE extent_id = ? "
+                                     "ORDER BY idx", (extent_id,)).fetchall()
+                where = " ".join(f"{i}@disk{d}" for i, d in frags)
+                lines.append(f"chunk {chunk} extent {extent_id} {policy} {length} bytes: {where}")
+        return "\n".join(lines) + ("\n" if lines else "")
+
+    # ------------------------------------------------------------------ statfs
+    def statfs(self) -> FsStats:
+        policy = self.pool.resolve_policy(None, AUTO_EC_THRESHOLD)
+        healthy = self.pool.healthy_disks()
+        free = [self.store.disk_free(d.id) for d in healthy]
+        total = [self.store.disk_capacity(d.id) for d in healthy]
+        bsize = 4096
+        avail = usable_capacity(free, policy.width, policy.k) // bsize
+        blocks = max(avail, usable_capacity(total, policy.width, policy.k) // bsize)
+        with self.meta.read() as conn:
+            files = conn.execute("SELECT count(*) FROM inodes").fetchone()[0]
+        return FsStats(bsize, bsize, blocks, avail, avail, files + 2**31, 2**31)

@@ -1,0 +1,1 @@
+"""Observability layer: JSON logs, the audit trail and (later) metrics."""

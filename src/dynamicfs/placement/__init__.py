@@ -1,0 +1,1 @@
+"""Placement layer: which disks get which fragments."""
