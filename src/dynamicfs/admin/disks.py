@@ -8,6 +8,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dynamicfs.admin.registry import operation
 from dynamicfs.disks import health
 from dynamicfs.disks.directory import DirectoryDisk
 from dynamicfs.disks.label import Label, LabelError, read_label, write_label
@@ -40,6 +41,7 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+@operation("add-disk")
 def add_disk(pool: Pool, path: Path | str, capacity: int | None = None,
              tier: str = DEFAULT_TIER) -> DiskRow:
     root = Path(path).absolute()
@@ -98,6 +100,7 @@ def _row(pool: Pool, d: DiskInfo) -> DiskRow:
                    d.write_errors, d.checksum_errors)
 
 
+@operation("list-disks", writes=False)
 def list_disks(pool: Pool) -> list[DiskRow]:
     return [_row(pool, d) for d in sorted(pool.disks.values(), key=lambda d: d.id)]
 
@@ -110,6 +113,7 @@ def find_disk(pool: Pool, ref: str) -> DiskInfo:
     return disk
 
 
+@operation("set-disk-health")
 def set_disk_health(pool: Pool, ref: str, state: str, reason: str = "set by operator") -> DiskRow:
     if state not in health.STATES:
         raise DiskError(f"unknown health state {state!r}; use one of: {', '.join(health.STATES)}")
@@ -127,6 +131,7 @@ def _set_state(pool: Pool, disk: DiskInfo, state: str, reason: str) -> None:
     pool.reload_disks()
 
 
+@operation("fail-disk")
 def fail_disk(pool: Pool, ref: str) -> DiskRow:
     return set_disk_health(pool, ref, health.FAILED, "failed by operator")
 
@@ -140,6 +145,7 @@ class ProbeRow:
     reason: str
 
 
+@operation("probe-disks")
 def probe_disks(pool: Pool) -> list[ProbeRow]:
     """Check every disk; failing ones become failed or suspect, recovered ones healthy."""
     out = []

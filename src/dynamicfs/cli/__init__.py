@@ -1,0 +1,1 @@
+"""CLI layer: argument parsing, tables, progress bars, JSON output. Calls admin operations."""

@@ -1,0 +1,118 @@
+"""What every command shares: pool/disk arguments in two forms, running an admin
+operation offline or through the mount daemon, progress bars, tables and JSON."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dynamicfs.admin import registry
+from dynamicfs.control import client
+from dynamicfs.engine.pool import Pool, is_pool
+from dynamicfs.errors import PoolBusyError, PoolError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def flexible(*names: str, optional: Sequence[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Accept each of `names` positionally or as --NAME (users copy both from old docs)."""
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for name in names:
+                pos = kwargs.pop(f"{name}_arg", None)
+                opt = kwargs.pop(f"{name}_opt", None)
+                if pos is not None and opt is not None and pos != opt:
+                    raise click.UsageError(f"{name.upper()} given twice ({pos!r} and {opt!r})")
+                value = opt if opt is not None else pos
+                if value is None and name not in optional:
+                    raise click.UsageError(f"missing {name.upper()} (give it as an argument "
+                                           f"or as --{name})")
+                kwargs[name] = value
+            return fn(*args, **kwargs)
+
+        for name in reversed(names):
+            wrapper = click.option(f"--{name}", f"{name}_opt", metavar=name.upper(),
+                                   help=f"the {name} (same as the positional form)")(wrapper)
+        for name in reversed(names):
+            wrapper = click.argument(f"{name}_arg", metavar=name.upper(), required=False)(wrapper)
+        return wrapper
+    return decorate
+
+
+def check_pool_path(path: str) -> Path:
+    pool_dir = Path(path).absolute()
+    if not pool_dir.exists():
+        raise PoolError(f"pool {pool_dir} does not exist; create it with "
+                        f"'dynamicfs init {pool_dir}'")
+    if not is_pool(pool_dir):
+        raise PoolError(f"{pool_dir} is not a DynamicFS pool; create one with "
+                        f"'dynamicfs init {pool_dir}'")
+    return pool_dir
+
+
+class ProgressBar:
+    """A rich progress bar fed by (done, total, message) callbacks; silent with --json."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label = label
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressBar:
+        if self.enabled:
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                      TextColumn("{task.completed}/{task.total}"),
+                                      TimeRemainingColumn(), console=err_console, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=None)
+        return self
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total or None,
+                                  description=f"{self.label} {message}".strip())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def run_op(pool_path: str, op: str, args: dict[str, Any] | None = None, *,
+           progress_label: str | None = None, show_progress: bool = True) -> Any:
+    """Run an admin operation: in-process when the pool is free, else in its mount daemon."""
+    pool_dir = check_pool_path(pool_path)
+    args = args or {}
+    with ProgressBar(progress_label or op, enabled=show_progress) as bar:
+        try:
+            pool = Pool.open(pool_dir)
+        except PoolBusyError:
+            if client.socket_path(pool_dir).exists():
+                return client.call(pool_dir, op, args, bar)
+            raise
+        with pool:
+            return registry.run(pool, op, args, bar)
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*[str(c) for c in row])
+    console.print(table)

@@ -1,0 +1,69 @@
+"""The `dynamicfs` command: a click group; each family of commands lives in its own module.
+
+Errors a user can cause (DynamicFSError) print one line and exit non-zero; anything
+else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from dynamicfs import __version__
+from dynamicfs.errors import DynamicFSError
+
+# Modules that add commands to `cli`; each has `register(cli)`.
+COMMAND_MODULES = (
+    "dynamicfs.cli.pool_cmds",
+    "dynamicfs.cli.disk_cmds",
+    "dynamicfs.cli.inspect_cmds",
+    "dynamicfs.cli.mount_cmds",
+    "dynamicfs.cli.integrity_cmds",
+    "dynamicfs.cli.ops_cmds",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dynamicfs")
+def cli() -> None:
+    """DynamicFS: pool unequal disks into one checksummed, self-healing filesystem."""
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_all()
+    try:
+        cli.main(args=argv, prog_name="dynamicfs", standalone_mode=False)
+    except DynamicFSError as exc:
+        click.echo(f"dynamicfs: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("dynamicfs: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("dynamicfs: interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Control layer: the unix socket through which admin commands reach the mount daemon."""
