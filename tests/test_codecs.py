@@ -1,0 +1,209 @@
+"""Codecs and policies: every loss a policy promises to survive decodes to the original
+bytes, one loss more fails with UnreadableError, and policy strings parse or are refused
+with a one-line message."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynamicfs.errors import PolicyError, UnreadableError
+from dynamicfs.redundancy import codecs
+from dynamicfs.redundancy.policy import (
+    AUTO,
+    AUTO_EC_THRESHOLD,
+    MAX_FRAGMENTS,
+    Policy,
+    ec,
+    parse_concrete,
+    parse_policy,
+    replicate,
+    resolve_auto,
+)
+
+EC_POLICIES = [ec(4, 2), ec(2, 1), ec(3, 2), ec(1, 1), ec(6, 3)]
+REPLICATE_POLICIES = [replicate(n) for n in (1, 2, 3, 5)]
+MAX_EXTENT = 300 * 1024
+EDGE_SIZES = [0, 1, 2, 3, 79, 80, 81, 4095, 4096, 4097, 65536, MAX_EXTENT]
+
+
+@st.composite
+def extents(draw: st.DrawFn) -> bytes:
+    """Extent contents: edge-case and random sizes up to 300 KiB, random or repetitive."""
+    size = draw(
+        st.one_of(
+            st.sampled_from(EDGE_SIZES),
+            st.integers(0, 4096),
+            st.integers(4096, MAX_EXTENT),
+        )
+    )
+    if draw(st.booleans()):
+        return random.Random(draw(st.integers(0, 2**32 - 1))).randbytes(size)
+    return bytes([draw(st.integers(0, 255))]) * size
+
+
+def losses(policy: Policy, count: int) -> list[tuple[int, ...]]:
+    """Every set of up to `count` lost fragment indexes (including none)."""
+    return [
+        lost for n in range(count + 1) for lost in itertools.combinations(range(policy.width), n)
+    ]
+
+
+def survivors(fragments: list[bytes], lost: tuple[int, ...]) -> dict[int, bytes]:
+    return {i: payload for i, payload in enumerate(fragments) if i not in lost}
+
+
+codec_settings = settings(max_examples=25)
+
+
+@pytest.mark.parametrize("policy", EC_POLICIES + REPLICATE_POLICIES, ids=str)
+@codec_settings
+@given(data=extents())
+def test_decode_returns_original_bytes_after_any_tolerated_loss(
+    policy: Policy, data: bytes
+) -> None:
+    fragments = codecs.encode(policy, data)
+    assert len(fragments) == policy.width
+    for lost in losses(policy, policy.m):
+        assert codecs.decode(policy, survivors(fragments, lost), len(data)) == data, lost
+
+
+@pytest.mark.parametrize("policy", EC_POLICIES + REPLICATE_POLICIES, ids=str)
+@codec_settings
+@given(data=extents())
+def test_reconstruct_recreates_identical_lost_fragments(policy: Policy, data: bytes) -> None:
+    fragments = codecs.encode(policy, data)
+    for lost in losses(policy, policy.m):
+        if not lost:
+            continue
+        rebuilt = codecs.reconstruct(policy, survivors(fragments, lost), list(lost))
+        assert rebuilt == {i: fragments[i] for i in lost}, lost
+
+
+@pytest.mark.parametrize("policy", EC_POLICIES + REPLICATE_POLICIES, ids=str)
+@codec_settings
+@given(data=extents())
+def test_decode_fails_unreadable_when_one_loss_too_many(policy: Policy, data: bytes) -> None:
+    fragments = codecs.encode(policy, data)
+    for lost in itertools.combinations(range(policy.width), policy.m + 1):
+        remaining = survivors(fragments, lost)
+        with pytest.raises(UnreadableError):
+            codecs.decode(policy, remaining, len(data))
+        with pytest.raises(UnreadableError):
+            codecs.reconstruct(policy, remaining, list(lost))
+
+
+def test_decode_refuses_a_wrong_extent_length() -> None:
+    policy = ec(4, 2)
+    data = random.Random(7).randbytes(10_000)
+    fragments = dict(enumerate(codecs.encode(policy, data)))
+    with pytest.raises(UnreadableError):
+        codecs.decode(policy, fragments, len(data) + 1)
+
+
+def accepted_ec_layouts() -> list[Policy]:
+    layouts = []
+    for k, m in itertools.product(range(1, MAX_FRAGMENTS + 1), repeat=2):
+        try:
+            layouts.append(parse_concrete(f"ec:{k}+{m}"))
+        except PolicyError:
+            pass
+    return layouts
+
+
+def test_every_accepted_ec_layout_decodes_from_any_k_fragments() -> None:
+    # Reed-Solomon with a Vandermonde matrix can rebuild from *every* k of k+m
+    # fragments only for some layouts; parse_policy must accept no other.
+    data = random.Random(1).randbytes(997)
+    layouts = accepted_ec_layouts()
+    assert ec(4, 2) in layouts
+    for policy in layouts:
+        fragments = codecs.encode(policy, data)
+        for lost in itertools.combinations(range(policy.width), policy.m):
+            decoded = codecs.decode(policy, survivors(fragments, lost), len(data))
+            assert decoded == data, (str(policy), lost)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("replicate:1", replicate(1)),
+        ("replicate:3", replicate(3)),
+        (f"replicate:{MAX_FRAGMENTS}", replicate(MAX_FRAGMENTS)),
+        ("ec:4+2", ec(4, 2)),
+        ("ec:1+1", ec(1, 1)),
+        ("ec:6+3", ec(6, 3)),
+        ("  EC:4+2 ", ec(4, 2)),
+        ("auto", AUTO),
+        ("AUTO", AUTO),
+    ],
+)
+def test_parse_policy_accepts_valid_policies(text: str, expected: Policy | str) -> None:
+    assert parse_policy(text) == expected
+
+
+@pytest.mark.parametrize("text", ["replicate:3", "ec:4+2", "ec:1+1", "replicate:1"])
+def test_policy_prints_as_it_parses(text: str) -> None:
+    assert str(parse_concrete(text)) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ec:0+2",
+        "replicate:0",
+        "ec:4+",
+        "raid5",
+        "ec:4+0",
+        "",
+        "   ",
+        "ec:4-2",
+        "replicate:-1",
+        "replicate:3x",
+        f"replicate:{MAX_FRAGMENTS + 1}",
+        "ec:30+3",
+        "ec:6+5",
+        "ec:22+4",
+        "ec:4+2\nreplicate:3",
+    ],
+)
+def test_parse_policy_refuses_malformed_policy_in_one_line(text: str) -> None:
+    with pytest.raises(PolicyError) as excinfo:
+        parse_policy(text)
+    message = str(excinfo.value)
+    assert message
+    assert "\n" not in message
+
+
+def test_parse_concrete_refuses_auto() -> None:
+    with pytest.raises(PolicyError):
+        parse_concrete("auto")
+
+
+@pytest.mark.parametrize("disks", range(1, 9))
+@pytest.mark.parametrize(
+    "size", [0, 1, AUTO_EC_THRESHOLD - 1, AUTO_EC_THRESHOLD, 10 * AUTO_EC_THRESHOLD]
+)
+def test_resolve_auto_never_asks_for_more_disks_than_there_are(disks: int, size: int) -> None:
+    policy = resolve_auto(size, disks)
+    assert 1 <= policy.width <= disks
+    assert parse_concrete(str(policy)) == policy
+
+
+@pytest.mark.parametrize("disks", range(6, 12))
+def test_resolve_auto_is_replicate3_under_4mib_and_ec42_from_4mib(disks: int) -> None:
+    assert resolve_auto(AUTO_EC_THRESHOLD - 1, disks) == replicate(3)
+    assert resolve_auto(AUTO_EC_THRESHOLD, disks) == ec(4, 2)
+
+
+@pytest.mark.parametrize("disks", range(1, 9))
+def test_resolve_auto_keeps_the_strongest_layout_that_fits(disks: int) -> None:
+    small = resolve_auto(0, disks)
+    large = resolve_auto(AUTO_EC_THRESHOLD, disks)
+    # As many losses survived as the disks allow, up to the full-size layouts' two.
+    assert small.m == min(2, disks - 1)
+    assert large.m == min(2, disks - 1)
