@@ -42,7 +42,10 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {}
 
 
-def operation(name: str, *, writes: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+Handler = Callable[..., Any]
+
+
+def operation(name: str, *, writes: bool = True) -> Callable[[Handler], Handler]:
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         OPERATIONS[name] = Operation(name, fn, writes)
         return fn

@@ -24,7 +24,10 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def flexible(*names: str, optional: Sequence[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+Command = Callable[..., Any]
+
+
+def flexible(*names: str, optional: Sequence[str] = ()) -> Callable[[Command], Command]:
     """Accept each of `names` positionally or as --NAME (users copy both from old docs)."""
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)

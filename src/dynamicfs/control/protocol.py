@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 SOCKET_NAME = "control.sock"
@@ -18,7 +19,7 @@ def send(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(json.dumps(message, default=str).encode() + b"\n")
 
 
-def lines(sock: socket.socket):  # type: ignore[no-untyped-def]
+def lines(sock: socket.socket) -> Iterator[dict[str, Any]]:
     """Yield decoded JSON messages until the peer closes."""
     buf = b""
     while True:

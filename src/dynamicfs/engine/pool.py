@@ -26,6 +26,7 @@ from dynamicfs.disks.directory import DirectoryDisk
 from dynamicfs.errors import PoolBusyError, PoolError
 from dynamicfs.meta.schema import FORMAT_VERSION
 from dynamicfs.meta.store import DB_NAME, MetaStore
+from dynamicfs.redundancy.codecs import RS_BACKEND
 from dynamicfs.redundancy.policy import AUTO, Policy, parse_policy, resolve_auto
 
 LOCK_NAME = "pool.lock"
@@ -47,6 +48,11 @@ class DiskInfo:
     write_errors: int = 0
     checksum_errors: int = 0
     added: float = 0.0
+    # Live counters since the pool was opened (not stored).
+    reads: int = 0
+    writes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
 
     @property
     def readable(self) -> bool:
@@ -124,6 +130,9 @@ class Pool:
         self.meta = meta
         self._lock = lock
         self.config = self._load_config()
+        if self.config.codec != RS_BACKEND:
+            raise PoolError(f"pool {path} was written with erasure codec {self.config.codec!r}, "
+                            f"this DynamicFS uses {RS_BACKEND!r}; use a matching DynamicFS")
         self.disks: dict[int, DiskInfo] = {}
         self.backends: dict[int, DirectoryDisk] = {}
         self._id_lock = threading.Lock()
@@ -190,6 +199,8 @@ class Pool:
             old = self.disks.get(disk_id)
             if old is not None:  # keep live counters the metadata has not caught up with
                 info.used = max(info.used, old.used) if old.path == info.path else info.used
+                info.reads, info.writes = old.reads, old.writes
+                info.bytes_read, info.bytes_written = old.bytes_read, old.bytes_written
             if disk_id not in self.backends or str(self.backends[disk_id].root) != info.path:
                 self.backends[disk_id] = DirectoryDisk(info.path)
         for gone in set(self.backends) - set(disks):

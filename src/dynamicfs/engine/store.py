@@ -24,7 +24,7 @@ import errno
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from sqlite3 import Connection
 from typing import TYPE_CHECKING
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 CACHE_BYTES = 64 * 1024 * 1024
 STATVFS_TTL = 1.0
+# Bytes of fragments queued for one disk before they go to a writer thread.
+WRITE_BATCH = 256 * 1024
 
 
 @dataclass
@@ -120,6 +122,7 @@ class ExtentStore:
         self._busy: collections.Counter[int] = collections.Counter()
         self._statvfs: dict[int, tuple[float, int]] = {}
         self.repair_wanted: set[int] = set()
+        self.stats: collections.Counter[str] = collections.Counter()
         self._repair_lock = threading.Lock()
         self.meta.before_commit.append(self.sync_pending)
 
@@ -156,16 +159,29 @@ class ExtentStore:
 
     # -- write path ------------------------------------------------------------
     def write(self, items: list[tuple[bytes, Policy]]) -> list[WrittenExtent]:
-        """Encode, place and write extents; durable at the next commit, not referenced yet."""
+        """Encode, place and write extents; durable at the next commit, not referenced yet.
+
+        Writes start while later extents are still being encoded: a disk's fragments go
+        to a worker as soon as WRITE_BATCH bytes are queued for it.
+        """
         candidates = self._candidates()
         plans: list[tuple[ExtentInfo, list[bytes]]] = []
-        per_disk: dict[int, list[tuple[FragmentRow, bytes]]] = collections.defaultdict(list)
+        queued: dict[int, list[tuple[FragmentRow, bytes]]] = collections.defaultdict(list)
+        queued_bytes: collections.Counter[int] = collections.Counter()
+        futures: list[tuple[int, Future[None]]] = []
         for data, policy in items:
             info, payloads = self._plan(data, policy, candidates)
             plans.append((info, payloads))
             for row in info.fragments:
-                per_disk[row.disk_id].append((row, payloads[row.index]))
-        failed = self._write_per_disk(per_disk)
+                queued[row.disk_id].append((row, payloads[row.index]))
+                queued_bytes[row.disk_id] += row.size
+                if queued_bytes[row.disk_id] >= WRITE_BATCH:
+                    futures.append((row.disk_id, self.executor.submit(
+                        self._write_fragments, row.disk_id, queued.pop(row.disk_id))))
+                    queued_bytes[row.disk_id] = 0
+        for disk_id, work in queued.items():
+            futures.append((disk_id, self.executor.submit(self._write_fragments, disk_id, work)))
+        failed = self._collect(futures)
         if failed:
             self._replace_failed(plans, failed, candidates)
         return [WrittenExtent(info) for info, _ in plans]
@@ -194,28 +210,36 @@ class ExtentStore:
                 c.free -= size
         self.pool.disks[disk_id].used += size
 
-    def _write_per_disk(self, per_disk: dict[int, list[tuple[FragmentRow, bytes]]]
-                        ) -> dict[int, OSError]:
-        """One task per disk; returns the disks whose writes failed."""
-        def run(disk_id: int, work: list[tuple[FragmentRow, bytes]]) -> None:
-            backend = self.pool.backends[disk_id]
-            for row, payload in work:
-                header = fragfmt.FragmentHeader(row.extent_id, row.id, row.index,
-                                                len(payload), row.checksum).pack()
-                backend.write_fragment(row.id, header, payload)
-            with self._unsynced_lock:
-                self._unsynced[disk_id].extend(row.id for row, _ in work)
+    def _write_fragments(self, disk_id: int, work: list[tuple[FragmentRow, bytes]]) -> None:
+        backend = self.pool.backends[disk_id]
+        info = self.pool.disks[disk_id]
+        for row, payload in work:
+            header = fragfmt.FragmentHeader(row.extent_id, row.id, row.index,
+                                            len(payload), row.checksum).pack()
+            backend.write_fragment(row.id, header, payload)
+            info.writes += 1
+            info.bytes_written += row.size
+        with self._unsynced_lock:
+            self._unsynced[disk_id].extend(row.id for row, _ in work)
 
-        futures = {d: self.executor.submit(run, d, w) for d, w in per_disk.items()}
+    def _collect(self, futures: list[tuple[int, Future[None]]]) -> dict[int, OSError]:
+        """Wait for fragment writes; returns the disks whose writes failed."""
         failed: dict[int, OSError] = {}
-        for disk_id, fut in futures.items():
+        for disk_id, fut in futures:
             exc = fut.exception()
             if isinstance(exc, OSError):
+                if disk_id not in failed:
+                    self.note_disk_error(disk_id, "write", str(exc))
                 failed[disk_id] = exc
-                self.note_disk_error(disk_id, "write", str(exc))
             elif exc is not None:
                 raise exc
         return failed
+
+    def _write_per_disk(self, per_disk: dict[int, list[tuple[FragmentRow, bytes]]]
+                        ) -> dict[int, OSError]:
+        """One task per disk; returns the disks whose writes failed."""
+        return self._collect([(d, self.executor.submit(self._write_fragments, d, w))
+                              for d, w in per_disk.items()])
 
     def _replace_failed(self, plans: list[tuple[ExtentInfo, list[bytes]]],
                         failed: dict[int, OSError], candidates: list[Candidate]) -> None:
@@ -382,6 +406,10 @@ class ExtentStore:
             return None, f"fragment {row.index} unreadable on disk {row.disk_id}: {exc.strerror}"
         finally:
             self._busy[row.disk_id] -= 1
+        disk = self.pool.disks.get(row.disk_id)
+        if disk is not None:
+            disk.reads += 1
+            disk.bytes_read += len(raw)
         try:
             head, payload = fragfmt.parse(raw)
             if (head.extent_id, head.fragment_id, head.index) != (info.id, row.id, row.index):
@@ -398,12 +426,11 @@ class ExtentStore:
         info = self.pool.disks.get(disk_id)
         if info is None:
             return
-        if kind == "write":
-            info.write_errors += 1
-        elif kind == "checksum":
-            info.checksum_errors += 1
-        elif kind == "read":
-            info.read_errors += 1
+        column = {"write": "write_errors", "checksum": "checksum_errors",
+                  "read": "read_errors", "missing": "read_errors"}[kind]
+        setattr(info, column, getattr(info, column) + 1)
+        with self.meta.write() as conn:
+            conn.execute(f"UPDATE disks SET {column} = {column} + 1 WHERE id = ?", (disk_id,))
         warn("fragment error", disk=disk_id, kind=kind, detail=detail)
 
     def want_repair(self, extent_id: int) -> None:
@@ -462,6 +489,19 @@ class ExtentStore:
 
     def rebuild(self, extent_id: int, *, evacuate: frozenset[int] = frozenset(),
                 verify: bool = True) -> str:
+        """rebuild_extent() with counts kept in `stats` (rebuild_attempts, _done, _failed)."""
+        self.stats["rebuild_attempts"] += 1
+        try:
+            outcome = self._rebuild(extent_id, evacuate=evacuate, verify=verify)
+        except UnreadableError:
+            self.stats["rebuild_failed"] += 1
+            raise
+        if outcome in ("repaired", "partial"):
+            self.stats["rebuild_done"] += 1
+        return outcome
+
+    def _rebuild(self, extent_id: int, *, evacuate: frozenset[int] = frozenset(),
+                 verify: bool = True) -> str:
         """Bring an extent back to full redundancy on healthy disks.
 
         Re-creates fragments that are missing, bad, on disks that do not count for
@@ -534,6 +574,7 @@ class ExtentStore:
             new_rows.append(row)
             per_disk[chosen[0]].append((row, payload))
         failed = self._write_per_disk(per_disk)
+        self.stats["rebuild_bytes"] += sum(r.size for r in new_rows if r.disk_id not in failed)
         for row in [r for r in new_rows if r.disk_id in failed]:
             self.pool.disks[row.disk_id].used -= row.size
         new_rows = [r for r in new_rows if r.disk_id not in failed]

@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from sqlite3 import Connection
+from typing import Any
 
 from dynamicfs.engine.pool import Pool
 from dynamicfs.errors import DynamicFSError, FsError, NoSpaceError, PolicyError
@@ -52,6 +53,7 @@ FLUSH_BATCH_BYTES = 16 * 1024 * 1024
 FLUSH_BATCH_ITEMS = 256
 ATIME_GRACE_NS = 24 * 3600 * 10**9
 
+Row = tuple[Any, ...]
 _INODE_COLS = "ino, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns"
 
 
@@ -118,13 +120,13 @@ class Namespace:
         self.meta.commit()
 
     # ------------------------------------------------------------------ attributes
-    def _row(self, conn: Connection, ino: int) -> tuple:  # type: ignore[type-arg]
+    def _row(self, conn: Connection, ino: int) -> Row:
         row = conn.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
         if row is None:
             raise FsError(errno.ENOENT)
-        return row  # type: ignore[no-any-return]
+        return row
 
-    def _attr(self, conn: Connection, row: tuple) -> Attr:  # type: ignore[type-arg]
+    def _attr(self, conn: Connection, row: Row) -> Attr:
         ino, mode, nlink, uid, gid, rdev, size, atime, mtime, ctime = row
         stored = 0
         if stat.S_ISREG(mode):
@@ -179,7 +181,8 @@ class Namespace:
                 return self._attr(conn, self._row(conn, parent))
             if name == b"..":
                 return self._attr(conn, self._row(conn, self._parent_of(conn, parent)))
-            row = conn.execute(f"SELECT {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))} "
+            cols = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
+            row = conn.execute(f"SELECT {cols} "
                                "FROM dentries d JOIN inodes i ON i.ino = d.ino "
                                "WHERE d.parent = ? AND d.name = ?", (parent, name)).fetchone()
             if row is None:
@@ -200,7 +203,7 @@ class Namespace:
                            (parent, name)).fetchone()
         return None if row is None else int(row[0])
 
-    def _dir_row(self, conn: Connection, ino: int) -> tuple:  # type: ignore[type-arg]
+    def _dir_row(self, conn: Connection, ino: int) -> Row:
         row = self._row(conn, ino)
         if not stat.S_ISDIR(row[1]):
             raise FsError(errno.ENOTDIR)
@@ -225,7 +228,8 @@ class Namespace:
                 if stat.S_ISDIR(mode):
                     mode |= stat.S_ISGID
             now = time.time_ns()
-            policy = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (parent,)).fetchone()[0]
+            policy = conn.execute("SELECT policy FROM inodes WHERE ino = ?",
+                                  (parent,)).fetchone()[0]
             is_dir = stat.S_ISDIR(mode)
             cur = conn.execute(
                 "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, "
@@ -547,7 +551,7 @@ class Namespace:
                 plan.append((chunk, chunk * E, src))
             return plan, length
 
-    def _touch_atime(self, conn: Connection, row: tuple) -> None:  # type: ignore[type-arg]
+    def _touch_atime(self, conn: Connection, row: Row) -> None:
         ino, atime, mtime, ctime = row[0], row[7], row[8], row[9]
         now = time.time_ns()
         if atime <= mtime or atime <= ctime or now - atime > ATIME_GRACE_NS:
