@@ -100,5 +100,37 @@ CREATE TABLE events (
 );
 """
 
-MIGRATIONS: list[str] = [_V1]
+# Version 2: integrity tools. Where a scrub stands (so an interrupted scrub resumes),
+# the problem extents it found, and the generation of the last metadata copy.
+_V2 = """
+CREATE TABLE scrub_state (
+    id               INTEGER PRIMARY KEY CHECK (id = 1),
+    started          REAL    NOT NULL,
+    position         INTEGER NOT NULL DEFAULT 0,
+    finished         REAL,
+    repair           INTEGER NOT NULL DEFAULT 0,
+    elapsed          REAL    NOT NULL DEFAULT 0,
+    checked          INTEGER NOT NULL DEFAULT 0,
+    bytes            INTEGER NOT NULL DEFAULT 0,
+    fragment_bytes   INTEGER NOT NULL DEFAULT 0,
+    healthy          INTEGER NOT NULL DEFAULT 0,
+    under_redundant  INTEGER NOT NULL DEFAULT 0,
+    repaired         INTEGER NOT NULL DEFAULT 0,
+    unreadable       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE scrub_problems (
+    extent_id  INTEGER PRIMARY KEY,
+    state      TEXT    NOT NULL,
+    detail     TEXT    NOT NULL,
+    found      REAL    NOT NULL
+);
+CREATE TABLE metadata_copies (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    generation  INTEGER NOT NULL,
+    copied      REAL    NOT NULL,
+    disks       TEXT    NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
