@@ -7,7 +7,9 @@ Rules:
   end of an offline command), so many small operations share one fsync.
 - `commit()` first runs the before-commit hooks, which make every fragment named by
   the transaction durable (DESIGN invariant 3), then COMMITs (WAL, synchronous=FULL),
-  then runs the after-commit actions (deleting fragment files freed by it).
+  then runs the after-commit actions (deleting fragment files freed by it). If a hook
+  fails, the whole transaction is rolled back and the error raised: its changes are
+  lost, as in a crash just before the commit.
 - An after-commit action registered inside a `write()` that rolls back is dropped.
 """
 
@@ -114,8 +116,14 @@ class MetaStore:
                 return
             if self._depth:
                 raise RuntimeError("commit() inside write()")
-            for hook in self.before_commit:
-                hook()
+            try:
+                for hook in self.before_commit:
+                    hook()
+            except BaseException:
+                # Fragments this transaction names may not be durable, and a later sync
+                # cannot prove they are: the transaction must never commit (invariant 3).
+                self.rollback()
+                raise
             self.conn.execute("COMMIT")
             self._in_tx = False
             self.commits += 1
