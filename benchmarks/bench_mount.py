@@ -1,0 +1,231 @@
+"""Benchmark a mounted pool against a plain directory of the same device, in one run.
+
+    python benchmarks/bench_mount.py [--size 1GiB] [--files 10000] [--dir /var/tmp]
+
+Six directory disks on one device. Each figure is printed next to the same work on a
+plain directory of that device, with the ratio and the target:
+- sequential write (`dd bs=1M conv=fsync`) and, after unmount, cache drop and remount,
+  sequential read, with replicate:3 and with ec:4+2;
+- N files of 4 KiB in 100 directories: create, `ls -lR` (cold), read all, delete;
+- extracting a source tarball with thousands of files (the Python standard library),
+  then `diff -r` against the plain copy;
+- the mount daemon's peak memory (VmHWM).
+Figures are printed, never asserted: the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dynamicfs.sizes import parse_size  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def sh(cmd: str) -> None:
+    subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL)
+
+
+def dfs(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "dynamicfs", *args], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        print("  (cannot drop caches: not root? read figures are warm)")
+
+
+def timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+class Bench:
+    def __init__(self, root: Path, size: int, files: int) -> None:
+        self.root = root
+        self.size = size
+        self.files = files
+        self.pool = root / "pool"
+        self.mnt = root / "mnt"
+        self.plain = root / "plain"
+        self.rows: list[tuple[str, str, str, str, str]] = []
+        self.peak_kib = 0
+
+    # -- set-up ---------------------------------------------------------------
+    def setup(self) -> None:
+        self.plain.mkdir()
+        self.mnt.mkdir()
+        dfs("init", str(self.pool))
+        for i in range(6):
+            disk = self.root / f"disk{i}"
+            disk.mkdir()
+            dfs("add-disk", str(self.pool), str(disk))
+        self.source = self.root / "source.bin"
+        with open(self.source, "wb") as f:
+            for _ in range(self.size // (64 * MiB) or 1):
+                f.write(os.urandom(min(self.size, 64 * MiB)))
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        self.tarball = self.root / "stdlib.tar"
+        sh(f"tar -C {stdlib} --exclude=./site-packages --exclude=__pycache__ "
+           f"-cf {self.tarball} .")
+
+    def mount(self) -> None:
+        dfs("mount", str(self.pool), str(self.mnt))
+
+    def unmount(self) -> None:
+        self.sample_memory()
+        dfs("unmount", str(self.mnt))
+
+    def sample_memory(self) -> None:
+        try:
+            pid = int((self.pool / "mount.pid").read_text().strip())
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+
+    def record(self, what: str, plain: float, ours: float, unit: str, target: str,
+               higher_is_better: bool) -> None:
+        ratio = ours / plain if higher_is_better else ours / plain
+        self.rows.append((what, f"{plain:.2f} {unit}", f"{ours:.2f} {unit}", f"{ratio:.2f}x",
+                          target))
+        print(f"  {what}: plain {plain:.2f} {unit}, dynamicfs {ours:.2f} {unit} "
+              f"({ratio:.2f}x; target {target})", flush=True)
+
+    # -- workloads --------------------------------------------------------------
+    def sequential(self) -> None:
+        mb = self.size / MiB
+        sh(f"cat {self.source} > /dev/null")
+        plain_w = timed(lambda: sh(f"dd if={self.source} of={self.plain}/seq bs=1M "
+                                   "conv=fsync status=none"))
+        drop_caches()
+        plain_r = timed(lambda: sh(f"dd if={self.plain}/seq of=/dev/null bs=1M status=none"))
+        os.unlink(self.plain / "seq")
+        for policy, target in (("replicate:3", 0.35), ("ec:4+2", 0.45)):
+            name = policy.replace(":", "").replace("+", "_")
+            self.mount()
+            d = self.mnt / name
+            d.mkdir()
+            os.setxattr(d, "user.dynamicfs.policy", policy.encode())
+            sh(f"cat {self.source} > /dev/null")
+            w = timed(lambda d=d: sh(f"dd if={self.source} of={d}/seq bs=1M conv=fsync "
+                                     "status=none"))
+            self.unmount()
+            drop_caches()
+            self.mount()
+            r = timed(lambda d=d: sh(f"dd if={d}/seq of=/dev/null bs=1M status=none"))
+            os.unlink(d / "seq")
+            self.unmount()
+            self.record(f"seq write {policy}", mb / plain_w, mb / w, "MiB/s", f">= {target}x",
+                        True)
+            self.record(f"seq read {policy}", mb / plain_r, mb / r, "MiB/s", ">= 0.75x", True)
+
+    def small_files(self) -> None:
+        results = {}
+        for label, base in (("plain", self.plain / "small"), ("dfs", self.mnt / "small")):
+            if label == "dfs":
+                self.mount()
+            base.mkdir()
+            data = os.urandom(4096)
+            per_dir = self.files // 100
+
+            def create(base: Path = base) -> None:
+                for d in range(100):
+                    sub = base / f"d{d:03d}"
+                    sub.mkdir()
+                    for i in range(per_dir):
+                        with open(sub / f"f{i:05d}", "wb") as f:
+                            f.write(data)
+                os.sync() if label == "plain" else None
+
+            t_create = timed(create)
+            if label == "dfs":
+                self.unmount()
+                drop_caches()
+                self.mount()
+            else:
+                drop_caches()
+            t_ls = timed(lambda base=base: sh(f"ls -lR {base}"))
+
+            def read_all(base: Path = base) -> None:
+                for d in range(100):
+                    for i in range(per_dir):
+                        with open(base / f"d{d:03d}" / f"f{i:05d}", "rb") as f:
+                            f.read()
+
+            t_read = timed(read_all)
+            t_delete = timed(lambda base=base: shutil.rmtree(base))
+            results[label] = (t_create, t_ls, t_read, t_delete)
+            if label == "dfs":
+                self.unmount()
+        for i, what in enumerate(("create", "ls -lR (cold)", "read all", "delete")):
+            target = "<= 10x" if what == "create" else "-"
+            self.record(f"{self.files} x 4 KiB {what}", results["plain"][i], results["dfs"][i],
+                        "s", target, False)
+
+    def tarball_extract(self) -> None:
+        out_plain = self.plain / "tree"
+        out_plain.mkdir()
+        t_plain = timed(lambda: sh(f"tar -C {out_plain} -xf {self.tarball} && sync"))
+        self.mount()
+        out = self.mnt / "tree"
+        out.mkdir()
+        t_ours = timed(lambda: sh(f"tar -C {out} -xf {self.tarball}"))
+        t_diff = timed(lambda: sh(f"diff -r {out_plain} {out}"))
+        self.unmount()
+        files = sum(len(f) for _, _, f in os.walk(out_plain))
+        self.record(f"tar xf ({files} files)", t_plain, t_ours, "s", "<= 10x", False)
+        print(f"  diff -r of the extracted trees: identical, {t_diff:.2f} s")
+
+    def report(self) -> None:
+        print("\n| work | plain | dynamicfs | ratio | target |")
+        print("|---|---|---|---|---|")
+        for row in self.rows:
+            print("| " + " | ".join(row) + " |")
+        print(f"\nmount daemon peak memory (VmHWM): {self.peak_kib / 1024:.0f} MiB "
+              "(target < 300 MiB)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1GiB", help="sequential file size")
+    parser.add_argument("--files", type=int, default=10000, help="number of small files")
+    parser.add_argument("--dir", default="/var/tmp", help="where to put disks (not tmpfs)")
+    parser.add_argument("--skip", default="", help="comma list: seq,small,tar")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="dynamicfs-bench-", dir=args.dir))
+    bench = Bench(root, parse_size(args.size), args.files)
+    skip = set(args.skip.split(","))
+    try:
+        bench.setup()
+        if "seq" not in skip:
+            bench.sequential()
+        if "small" not in skip:
+            bench.small_files()
+        if "tar" not in skip:
+            bench.tarball_extract()
+        bench.report()
+    finally:
+        subprocess.run(["fusermount3", "-u", str(bench.mnt)], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

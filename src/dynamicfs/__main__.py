@@ -1,0 +1,7 @@
+"""`python -m dynamicfs` runs the CLI."""
+
+import sys
+
+from dynamicfs.cli.main import main
+
+sys.exit(main())
