@@ -102,7 +102,7 @@ class Bench:
 
     def record(self, what: str, plain: float, ours: float, unit: str, target: str,
                higher_is_better: bool) -> None:
-        ratio = ours / plain if higher_is_better else ours / plain
+        ratio = ours / plain
         self.rows.append((what, f"{plain:.2f} {unit}", f"{ours:.2f} {unit}", f"{ratio:.2f}x",
                           target))
         print(f"  {what}: plain {plain:.2f} {unit}, dynamicfs {ours:.2f} {unit} "
@@ -136,40 +136,38 @@ class Bench:
                         True)
             self.record(f"seq read {policy}", mb / plain_r, mb / r, "MiB/s", ">= 0.75x", True)
 
+    def _create(self, base: Path, per_dir: int) -> None:
+        data = os.urandom(4096)
+        for d in range(100):
+            sub = base / f"d{d:03d}"
+            sub.mkdir()
+            for i in range(per_dir):
+                with open(sub / f"f{i:05d}", "wb") as f:
+                    f.write(data)
+
+    def _read_all(self, base: Path, per_dir: int) -> None:
+        for d in range(100):
+            for i in range(per_dir):
+                with open(base / f"d{d:03d}" / f"f{i:05d}", "rb") as f:
+                    f.read()
+
     def small_files(self) -> None:
         results = {}
+        per_dir = self.files // 100
         for label, base in (("plain", self.plain / "small"), ("dfs", self.mnt / "small")):
             if label == "dfs":
                 self.mount()
             base.mkdir()
-            data = os.urandom(4096)
-            per_dir = self.files // 100
-
-            def create(base: Path = base) -> None:
-                for d in range(100):
-                    sub = base / f"d{d:03d}"
-                    sub.mkdir()
-                    for i in range(per_dir):
-                        with open(sub / f"f{i:05d}", "wb") as f:
-                            f.write(data)
-                os.sync() if label == "plain" else None
-
-            t_create = timed(create)
+            t_create = timed(lambda base=base: self._create(base, per_dir))
             if label == "dfs":
-                self.unmount()
+                self.unmount()  # includes the flush of everything created
                 drop_caches()
                 self.mount()
             else:
+                t_create += timed(os.sync)
                 drop_caches()
             t_ls = timed(lambda base=base: sh(f"ls -lR {base}"))
-
-            def read_all(base: Path = base) -> None:
-                for d in range(100):
-                    for i in range(per_dir):
-                        with open(base / f"d{d:03d}" / f"f{i:05d}", "rb") as f:
-                            f.read()
-
-            t_read = timed(read_all)
+            t_read = timed(lambda base=base: self._read_all(base, per_dir))
             t_delete = timed(lambda base=base: shutil.rmtree(base))
             results[label] = (t_create, t_ls, t_read, t_delete)
             if label == "dfs":
