@@ -1,0 +1,1 @@
+"""Maintenance layer: scrub, repair/rebuild, drain, garbage collection."""
