@@ -251,7 +251,7 @@ class ExtentStore:
             lost = [r for r in info.fragments if r.disk_id in bad]
             for row in lost:
                 self.pool.disks[row.disk_id].used -= row.size
-                self.pool.backends[row.disk_id].delete_fragment(row.id)
+                self._unlink_unrecorded([row])
                 used = {r.disk_id for r in keep}
                 for disk_id in choose_disks(candidates, 1, row.size, exclude=used):
                     new = FragmentRow(self.pool.new_fragment_id(), info.id, row.index, disk_id,
@@ -260,6 +260,7 @@ class ExtentStore:
                         self._charge(candidates, disk_id, row.size)
                         keep.append(new)
                     else:
+                        self._unlink_unrecorded([new])  # a short write leaves part of a file
                         candidates = [c for c in candidates if c.disk_id != disk_id]
             if len(keep) < info.policy.minimum:
                 codes = {e.errno for e in failed.values()}
@@ -300,7 +301,19 @@ class ExtentStore:
         for w in written:
             for r in w.info.fragments:
                 self.pool.disks[r.disk_id].used -= r.size
+            self._unlink_unrecorded(w.info.fragments)
+
+    def _unlink_unrecorded(self, rows: list[FragmentRow]) -> None:
+        """Delete fragment files no metadata names, and stop waiting to sync them."""
+        gone = {r.id for r in rows}
+        with self._unsynced_lock:
+            for disk_id in {r.disk_id for r in rows} & set(self._unsynced):
+                self._unsynced[disk_id] = [f for f in self._unsynced[disk_id] if f not in gone]
+        for r in rows:
+            try:
                 self.pool.backends[r.disk_id].delete_fragment(r.id)
+            except (OSError, KeyError):
+                pass  # left behind as an orphan, for the garbage collector
 
     def sync_pending(self) -> None:
         """Before-commit hook: make every fragment written since the last commit durable."""
