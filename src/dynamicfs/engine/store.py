@@ -24,7 +24,7 @@ import errno
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from sqlite3 import Connection
 from typing import TYPE_CHECKING
@@ -169,21 +169,28 @@ class ExtentStore:
         queued: dict[int, list[tuple[FragmentRow, bytes]]] = collections.defaultdict(list)
         queued_bytes: collections.Counter[int] = collections.Counter()
         futures: list[tuple[int, Future[None]]] = []
-        for data, policy in items:
-            info, payloads = self._plan(data, policy, candidates)
-            plans.append((info, payloads))
-            for row in info.fragments:
-                queued[row.disk_id].append((row, payloads[row.index]))
-                queued_bytes[row.disk_id] += row.size
-                if queued_bytes[row.disk_id] >= WRITE_BATCH:
-                    futures.append((row.disk_id, self.executor.submit(
-                        self._write_fragments, row.disk_id, queued.pop(row.disk_id))))
-                    queued_bytes[row.disk_id] = 0
-        for disk_id, work in queued.items():
-            futures.append((disk_id, self.executor.submit(self._write_fragments, disk_id, work)))
-        failed = self._collect(futures)
-        if failed:
-            self._replace_failed(plans, failed, candidates)
+        try:
+            for data, policy in items:
+                info, payloads = self._plan(data, policy, candidates)
+                plans.append((info, payloads))
+                for row in info.fragments:
+                    queued[row.disk_id].append((row, payloads[row.index]))
+                    queued_bytes[row.disk_id] += row.size
+                    if queued_bytes[row.disk_id] >= WRITE_BATCH:
+                        futures.append((row.disk_id, self.executor.submit(
+                            self._write_fragments, row.disk_id, queued.pop(row.disk_id))))
+                        queued_bytes[row.disk_id] = 0
+            for disk_id, work in queued.items():
+                futures.append((disk_id, self.executor.submit(self._write_fragments, disk_id,
+                                                              work)))
+            failed = self._collect(futures)
+            if failed:
+                self._replace_failed(plans, failed, candidates)
+        except BaseException:
+            # A write that fails leaves nothing behind: no fragment files, no space charged.
+            wait([f for _, f in futures])
+            self.discard([WrittenExtent(info) for info, _ in plans])
+            raise
         return [WrittenExtent(info) for info, _ in plans]
 
     def _plan(self, data: bytes, policy: Policy,
@@ -262,6 +269,7 @@ class ExtentStore:
                     else:
                         self._unlink_unrecorded([new])  # a short write leaves part of a file
                         candidates = [c for c in candidates if c.disk_id != disk_id]
+            info.fragments = sorted(keep, key=lambda r: r.index)
             if len(keep) < info.policy.minimum:
                 codes = {e.errno for e in failed.values()}
                 if codes <= {errno.ENOSPC, errno.EDQUOT}:
@@ -269,7 +277,6 @@ class ExtentStore:
                                        f"{info.policy.minimum} fragments of {info.policy} fit")
                 raise FsError(errno.EIO, f"only {len(keep)} fragments written, "
                                          f"{info.policy.minimum} needed")
-            info.fragments = sorted(keep, key=lambda r: r.index)
 
     def record(self, conn: Connection, written: Iterable[WrittenExtent]) -> None:
         """Insert the rows that name written extents (inside the caller's write())."""
