@@ -132,5 +132,35 @@ CREATE TABLE metadata_copies (
 );
 """
 
-MIGRATIONS: list[str] = [_V1, _V2]
+# Version 3: background scrub. The schedule it follows, and where its cursor stands:
+# it checks extents in id order, so resuming from `position` checks first what was
+# verified longest ago (new extents come last: they were checked as they were written).
+_V3 = """
+CREATE TABLE scrub_schedule (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    frequency   TEXT    NOT NULL,
+    intensity   TEXT    NOT NULL,
+    hour        INTEGER NOT NULL DEFAULT 2,
+    updated     REAL    NOT NULL
+);
+CREATE TABLE background_scrub (
+    id                  INTEGER PRIMARY KEY CHECK (id = 1),
+    mode                TEXT    NOT NULL,
+    intensity           TEXT    NOT NULL,
+    position            INTEGER NOT NULL DEFAULT 0,
+    pass_started        REAL,
+    pass_checked        INTEGER NOT NULL DEFAULT 0,
+    pass_bytes          INTEGER NOT NULL DEFAULT 0,
+    pass_problems       INTEGER NOT NULL DEFAULT 0,
+    pass_repaired       INTEGER NOT NULL DEFAULT 0,
+    last_pass_started   REAL,
+    last_pass_finished  REAL,
+    last_pass_checked   INTEGER NOT NULL DEFAULT 0,
+    last_pass_problems  INTEGER NOT NULL DEFAULT 0,
+    passes              INTEGER NOT NULL DEFAULT 0,
+    updated             REAL    NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
