@@ -1,0 +1,70 @@
+"""`mount` and `unmount`: attach a pool to a directory through FUSE, and detach it."""
+
+from __future__ import annotations
+
+import click
+
+from dynamicfs.cli.common import flexible
+from dynamicfs.fuse import daemon
+
+
+def register(cli: click.Group) -> None:
+    @cli.command("mount")
+    @flexible("pool", "mountpoint")
+    @click.option("-f", "--foreground", is_flag=True,
+                  help="stay in the foreground and log to stderr too (stop with Ctrl-C)")
+    @click.option("-o", "options", multiple=True, metavar="OPTIONS",
+                  help="comma-separated mount options: ro, allow_other, nonempty (mount over "
+                       "a non-empty directory), log_level=LEVEL, and other FUSE options")
+    @click.option("--log-level", type=click.Choice(daemon.LOG_LEVELS, case_sensitive=False),
+                  help="what goes to POOL/logs/dynamicfs.log (default: info)")
+    def mount(pool: str, mountpoint: str, foreground: bool, options: tuple[str, ...],
+              log_level: str | None) -> None:
+        """Mount POOL at MOUNTPOINT, an empty directory.
+
+        Returns once the filesystem is ready; the mount daemon keeps running in the
+        background until 'dynamicfs unmount MOUNTPOINT'.
+        """
+        code = mount_pool(pool, mountpoint, options, foreground=foreground, log_level=log_level)
+        if code:
+            raise click.exceptions.Exit(code)
+
+    @cli.command("unmount")
+    @click.option("-l", "--lazy", is_flag=True,
+                  help="detach now even if busy; the pool closes when the last user leaves")
+    @flexible("mountpoint")
+    def unmount(mountpoint: str, lazy: bool) -> None:
+        """Unmount MOUNTPOINT (or the mount of pool MOUNTPOINT), flushing every file.
+
+        Waits until the mount daemon has written everything and exited.
+        """
+        done = daemon.unmount(mountpoint, lazy=lazy)
+        if lazy:
+            click.echo(f"detached {done.mountpoint}; the pool closes once nothing uses it")
+        else:
+            pool = f" (pool {done.pool} flushed and closed)" if done.pool else ""
+            click.echo(f"unmounted {done.mountpoint}{pool}")
+
+    cli.add_command(click.Command("umount", callback=unmount.callback, params=unmount.params,
+                                  help=unmount.help, hidden=True))
+
+
+def mount_pool(pool: str, mountpoint: str, options: tuple[str, ...] | list[str], *,
+               foreground: bool = False, log_level: str | None = None,
+               quiet: bool = False) -> int:
+    """Check, then mount (detached, or in this process with `foreground`); an exit code."""
+    opts = daemon.parse_options(options)
+    if log_level:
+        opts.log_level = log_level.lower()
+    pool_dir, mnt = daemon.check_mountable(pool, mountpoint, opts)
+    if foreground:
+        def ready() -> None:
+            click.echo(f"mounted {pool_dir} at {mnt}; stop with Ctrl-C or "
+                       f"'dynamicfs unmount {mnt}'", err=True)
+
+        return daemon.serve(pool_dir, mnt, opts, foreground=True, ready=ready)
+    pid = daemon.start_detached(pool_dir, mnt, opts)
+    if not quiet:
+        click.echo(f"mounted {pool_dir} at {mnt} (daemon pid {pid}); "
+                   f"unmount with 'dynamicfs unmount {mnt}'")
+    return 0

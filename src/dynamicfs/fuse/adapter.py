@@ -1,0 +1,310 @@
+"""The pyfuse3 adapter: each FUSE request becomes one call of the namespace.
+
+Owns the translation between FUSE and the namespace and nothing else: inode numbers
+are the namespace's, a file handle is the inode number of the opened file (the
+namespace counts opens per inode), errors become errno values. POSIX semantics,
+buffering and durability live in namespace/fs.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import stat
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from dynamicfs.errors import DynamicFSError
+from dynamicfs.namespace.fs import Namespace
+from dynamicfs.namespace.types import Attr
+from dynamicfs.observability.log import error
+
+# Attributes and entries the kernel may cache without asking again. Everything that
+# changes them goes through this mount, so the kernel invalidates what it changes itself;
+# the timeout only bounds how stale st_blocks may look after a background conversion.
+CACHE_TIMEOUT = 1.0
+# Large st_blksize makes cp, dd and friends use large buffers: one FUSE request per MiB.
+BLOCK_SIZE = 1024 * 1024
+READDIR_BATCH = 64
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _fuse_errors(handler: Callable[P, Coroutine[Any, Any, T]]
+                 ) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Turn whatever a handler raises into the FUSEError pyfuse3 accepts.
+
+    pyfuse3 ends its main loop on any other exception, which would hang the mount, so a
+    bug becomes EIO and a log entry instead.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:  # FsError and its subclasses, and real I/O errors
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except DynamicFSError as exc:
+            error("request failed", op=handler.__name__, reason=str(exc))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            error("request crashed", op=handler.__name__, trace=traceback.format_exc())
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    """FUSE request handlers over one Namespace.
+
+    Concurrency rules:
+    - Handlers run as trio tasks in the daemon's one event-loop thread; pyfuse3 starts
+      a task per outstanding request (up to its max_tasks), so requests overlap.
+    - Every namespace call may block (SQLite, disk I/O, waiting for the flusher), so
+      each runs in a worker thread through `trio.to_thread.run_sync`; the namespace is
+      thread-safe and does its own locking. Nothing here holds state between requests
+      except the namespace itself, so handlers need no locks of their own.
+    - `pyfuse3.readdir_reply` must be called from the event-loop thread: readdir
+      fetches a batch of entries in a worker thread and replies from the loop.
+    - Handlers raise only FUSEError (see `_fuse_errors`).
+
+    Meaning of the values handed to the kernel:
+    - inode numbers are namespace inode numbers (the root is 1); generation is 0
+      because inode numbers are never reused while the pool exists;
+    - a file handle `fh` is the inode number of the open file; open() and create()
+      count one open in the namespace and release() gives it back, so the namespace
+      knows when the last handle is gone (write-back, freeing unlinked files);
+    - a directory handle is the directory's inode number;
+    - readdir offsets are the namespace's entry ids, stable while the directory
+      changes; "." and ".." are not listed (the kernel adds them);
+    - lookup counts are not tracked (forget is a no-op): the namespace keeps an
+      unlinked inode exactly as long as it is open, and the kernel never needs an
+      unopened, unlinked inode again.
+    Permissions are checked by the kernel (mount option default_permissions), so
+    access() always allows.
+    """
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, namespace: Namespace, *, timeout: float = CACHE_TIMEOUT) -> None:
+        super().__init__()
+        self.ns = namespace
+        self.timeout = timeout
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = attr.ino
+        entry.generation = 0
+        entry.entry_timeout = self.timeout
+        entry.attr_timeout = self.timeout
+        entry.st_mode = attr.mode
+        entry.st_nlink = attr.nlink
+        entry.st_uid = attr.uid
+        entry.st_gid = attr.gid
+        entry.st_rdev = attr.rdev
+        entry.st_size = attr.size
+        entry.st_blksize = BLOCK_SIZE
+        entry.st_blocks = attr.blocks
+        entry.st_atime_ns = attr.atime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_ctime_ns = attr.ctime_ns
+        return entry
+
+    # ------------------------------------------------------------------ names
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._run(self.ns.lookup, parent_inode, name))
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._run(self.ns.getattr, inode))
+
+    @_fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        # pyfuse3 has already replaced UTIME_NOW by the current time in `attr`.
+        changed = await self._run(
+            self.ns.setattr, inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+        return self._entry(changed)
+
+    @_fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._run(self.ns.mknod, parent_inode, name, mode, rdev,
+                                           ctx.uid, ctx.gid))
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._run(self.ns.mkdir, parent_inode, name, mode,
+                                           ctx.uid, ctx.gid))
+
+    @_fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        attr = await self._run(self.ns.create, parent_inode, name, mode, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=attr.ino, keep_cache=True), self._entry(attr)
+
+    @_fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._run(self.ns.symlink, parent_inode, name, target,
+                                           ctx.uid, ctx.gid))
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self._run(self.ns.readlink, inode)
+
+    @_fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._run(self.ns.link, inode, new_parent_inode, new_name))
+
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._run(self.ns.unlink, parent_inode, name)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._run(self.ns.rmdir, parent_inode, name)
+
+    @_fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        # pyfuse3's RENAME_NOREPLACE/RENAME_EXCHANGE (1, 2) are the namespace's values.
+        await self._run(self.ns.rename, parent_inode_old, name_old, parent_inode_new,
+                        name_new, flags)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Lookup counts are not tracked; see the class docstring."""
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return True
+
+    # ------------------------------------------------------------------ files
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        await self._run(self.ns.open, inode)
+        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
+            # Only with atomic_o_trunc; otherwise the kernel sends setattr(size=0) itself.
+            try:
+                await self._run(self.ns.setattr, inode, size=0)
+            except BaseException:
+                await self._run(self.ns.release, inode)
+                raise
+        # keep_cache: pages of this file stay valid across opens (every change to the
+        # file passes through this mount), so mmap and re-reads are served by the kernel.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._run(self.ns.read, fh, off, size)
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._run(self.ns.write, fh, off, buf)
+
+    @_fuse_errors
+    async def flush(self, fh: int) -> None:
+        await self._run(self.ns.flush, fh)
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._run(self.ns.fsync, fh, datasync)
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        await self._run(self.ns.release, fh)
+
+    @_fuse_errors
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        # pyfuse3 3.5 does not dispatch FUSE_FALLOCATE (the kernel answers EOPNOTSUPP and
+        # glibc's posix_fallocate writes zeros instead); kept for when it does.
+        if mode != 0:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        await self._run(self.ns.fallocate, fh, offset, length)
+
+    # ------------------------------------------------------------------ directories
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        attr = await self._run(self.ns.getattr, inode)
+        if not stat.S_ISDIR(attr.mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        offset = start_id
+        while True:
+            # The kernel's buffer holds a few dozen entries: fetch about that many.
+            entries = await self._run(self.ns.readdir, fh, offset, READDIR_BATCH)
+            for entry in entries:
+                if not pyfuse3.readdir_reply(token, entry.name, self._entry(entry.attr),
+                                             entry.next_offset):
+                    return
+                offset = entry.next_offset
+            if len(entries) < READDIR_BATCH:
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    @_fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self._run(self.ns.fsync, fh, datasync)
+
+    # ------------------------------------------------------------------ xattrs
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self._run(self.ns.getxattr, inode, name)
+
+    @_fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        await self._run(self.ns.setxattr, inode, name, value)
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return await self._run(self.ns.listxattr, inode)
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._run(self.ns.removexattr, inode, name)
+
+    # ------------------------------------------------------------------ filesystem
+    @_fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = await self._run(self.ns.statfs)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = stats.block_size
+        out.f_frsize = stats.fragment_size
+        out.f_blocks = stats.blocks
+        out.f_bfree = stats.blocks_free
+        out.f_bavail = stats.blocks_avail
+        out.f_files = stats.files
+        out.f_ffree = stats.files_free
+        out.f_favail = stats.files_free
+        out.f_namemax = stats.name_max
+        return out

@@ -1,0 +1,566 @@
+"""The mount daemon: the process that owns a pool while it is mounted.
+
+Start-up, each step undone in reverse at exit: configure the JSON log
+(POOL/logs/dynamicfs.log), open the pool (takes POOL/pool.lock), start the namespace,
+mount through pyfuse3, write POOL/mount.json and POOL/mount.pid, start the control
+server (POOL/control.sock), raise the mount's read-ahead, tell the starter it is
+ready. It then serves FUSE requests until the filesystem is unmounted (`dynamicfs
+unmount`, `fusermount3 -u`, `umount`) or it gets SIGTERM or SIGINT, in which case it
+unmounts itself (lazily, as libfuse does). At exit every file is flushed and the
+metadata committed (Namespace.close(), then Pool.close()); mount.json, mount.pid and
+the control socket are removed.
+
+`start_detached()` runs the daemon as `python -m dynamicfs.fuse.daemon` in a new
+session with its output in POOL/logs/daemon.out, and returns once the mount is ready
+(the daemon reports over a pipe) or raises with the daemon's reason. `unmount()`
+unmounts and waits until the daemon has exited, so the pool can be opened again.
+
+This module wires every layer of the process together, so it is the one place in
+the fuse layer that imports control. It never prints: callers pass `ready` callbacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from dynamicfs.control.protocol import SOCKET_NAME
+from dynamicfs.control.server import ControlServer
+from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, is_pool
+from dynamicfs.errors import DynamicFSError, PoolBusyError, PoolError
+from dynamicfs.fuse.adapter import Operations
+from dynamicfs.meta.store import DB_NAME
+from dynamicfs.namespace.fs import Namespace
+from dynamicfs.observability import log as logmod
+from dynamicfs.observability.log import error, log
+
+PID_FILE = "mount.pid"
+LOG_DIR = "logs"
+LOG_FILE = "dynamicfs.log"
+DAEMON_OUT = "daemon.out"
+FSTYPE = "fuse.dynamicfs"
+READ_AHEAD_KB = 1024
+START_TIMEOUT = 120.0
+EXIT_TIMEOUT = 600.0
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Options that mean something to mount(8) or fstab only; they never reach libfuse.
+_FSTAB_ONLY = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser", "owner",
+               "group", "_netdev", "nofail"}
+_FSTAB_ONLY_PREFIXES = ("x-", "comment=", "helper=")
+# Options DynamicFS sets itself.
+_RESERVED_PREFIXES = ("fsname=", "subtype=")
+
+
+class MountError(DynamicFSError):
+    """The mountpoint or the mount options are unusable, or mounting failed."""
+
+
+@dataclass
+class MountOptions:
+    """User mount options, split into what DynamicFS handles and what goes to libfuse."""
+
+    fuse: list[str] = field(default_factory=list)
+    nonempty: bool = False
+    log_level: str | None = None
+
+
+def parse_options(groups: Iterable[str]) -> MountOptions:
+    """Parse `-o` values such as 'ro,allow_other' (several may be given)."""
+    out = MountOptions()
+    for group in groups:
+        for opt in (o.strip() for o in group.split(",")):
+            if not opt or opt in _FSTAB_ONLY or opt.startswith(_FSTAB_ONLY_PREFIXES):
+                continue
+            if opt == "nonempty":
+                out.nonempty = True
+            elif opt.startswith("log_level="):
+                out.log_level = _log_level(opt.partition("=")[2])
+            elif opt.startswith(_RESERVED_PREFIXES):
+                raise MountError(f"mount option {opt!r} is set by DynamicFS itself; leave it out")
+            elif not opt.isascii():
+                raise MountError(f"mount option {opt!r} is not ASCII")
+            elif opt not in out.fuse:
+                out.fuse.append(opt)
+    return out
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise MountError(f"unknown log level {text!r}; use one of {', '.join(LOG_LEVELS)}")
+    return text.lower()
+
+
+# ---------------------------------------------------------------------- checks
+def check_mountable(pool: Path | str, mountpoint: Path | str,
+                    options: MountOptions) -> tuple[Path, Path]:
+    """Refuse, with one line, what would fail or surprise: returns absolute (pool, mountpoint).
+
+    Runs in the starter before anything forks: a pool already mounted (PoolBusyError
+    says where), a missing or non-directory mountpoint, a non-empty mountpoint without
+    `-o nonempty`, a broken mount left on the mountpoint.
+    """
+    pool_dir = Path(pool).absolute()
+    if not pool_dir.exists():
+        raise PoolError(f"pool {pool_dir} does not exist; create it with "
+                        f"'dynamicfs init {pool_dir}'")
+    if not is_pool(pool_dir):
+        raise PoolError(f"{pool_dir} is not a DynamicFS pool (no {DB_NAME}); create one "
+                        f"with 'dynamicfs init {pool_dir}'")
+    lock = PoolLock(pool_dir)
+    try:
+        lock.acquire()
+    except PoolBusyError:
+        info = _mount_info(pool_dir)
+        if not info:
+            raise
+        raise PoolBusyError(f"pool {pool_dir} is already mounted at {info.get('mountpoint')} "
+                            f"(pid {info.get('pid')}); unmount it first with "
+                            f"'dynamicfs unmount {info.get('mountpoint')}'") from None
+    lock.release()
+    mnt = Path(os.path.abspath(mountpoint))
+    try:
+        st = os.stat(mnt)
+        entries = os.listdir(mnt) if stat.S_ISDIR(st.st_mode) else []
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mnt} does not exist; create it with "
+                         f"'mkdir -p {mnt}'") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(f"mountpoint {mnt} holds a dead FUSE mount; clear it with "
+                             f"'dynamicfs unmount {mnt}'") from None
+        raise MountError(f"cannot use mountpoint {mnt}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mnt} is not a directory")
+    if entries and not options.nonempty:
+        raise MountError(f"mountpoint {mnt} is not empty; use an empty directory or add "
+                         "'-o nonempty' to hide its contents while mounted")
+    if _inside(mnt, pool_dir):
+        raise MountError(f"mountpoint {mnt} is inside the pool directory {pool_dir}; "
+                         "mount it elsewhere")
+    return pool_dir, mnt
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    child, parent = child.resolve(), parent.resolve()
+    return child == parent or parent in child.parents
+
+
+# ---------------------------------------------------------------------- mount table
+@dataclass(frozen=True)
+class MountEntry:
+    source: str
+    mountpoint: str
+    fstype: str
+    device: str  # "major:minor"
+
+
+def _unescape(field_: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as \\ooo octal."""
+    out, i = [], 0
+    while i < len(field_):
+        if field_[i] == "\\" and i + 3 < len(field_) and field_[i + 1:i + 4].isdigit():
+            out.append(chr(int(field_[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[MountEntry]:
+    """The mounts this process sees, from /proc/self/mountinfo."""
+    entries = []
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        before, sep, after = line.partition(" - ")
+        left, right = before.split(" "), after.split(" ")
+        if not sep or len(left) < 5 or len(right) < 2:
+            continue
+        entries.append(MountEntry(_unescape(right[1]), _unescape(left[4]), right[0], left[2]))
+    return entries
+
+
+def find_mount(mountpoint: Path | str) -> MountEntry | None:
+    """The topmost mount on `mountpoint`, or None."""
+    target = os.path.abspath(mountpoint)
+    found = None
+    for entry in mounts():
+        if entry.mountpoint == target:
+            found = entry
+    return found
+
+
+# ---------------------------------------------------------------------- the daemon
+def fuse_options(pool_dir: Path, options: MountOptions) -> set[str]:
+    # The pool path as fsname lets `unmount` (and df, findmnt) find the pool of a mount;
+    # libfuse splits options at commas and pyfuse3 passes ASCII only.
+    path = str(pool_dir)
+    fsname = path if path.isascii() and not any(c in path for c in ",\\ \t\n") else "dynamicfs"
+    return {f"fsname={fsname}", "subtype=dynamicfs", "default_permissions", *options.fuse}
+
+
+def _mount_fuse(ops: Operations, mountpoint: Path, opts: set[str]) -> None:
+    """pyfuse3.init, turning libfuse's complaint on stderr into the error message."""
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        failure: RuntimeError | None = None
+        try:
+            pyfuse3.init(ops, str(mountpoint), opts)
+        except RuntimeError as exc:
+            failure = exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        said = captured.read().decode(errors="replace").strip()
+    if said:
+        log("libfuse said", text=said)
+    if failure is not None:
+        reason = said.splitlines()[-1] if said else str(failure)
+        raise MountError(f"cannot mount at {mountpoint}: {reason.removeprefix('fuse: ')}")
+
+
+def _raise_read_ahead(mountpoint: Path) -> None:
+    """Let the kernel read 1 MiB ahead (it asks 128 KiB at a time otherwise).
+
+    Must run once the kernel has processed FUSE_INIT (which caps read-ahead): stat()
+    of the mountpoint is a request to this process, answered only after INIT.
+    """
+    try:
+        dev = os.stat(mountpoint).st_dev
+        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        path.write_text(f"{READ_AHEAD_KB}\n")
+    except OSError as exc:
+        log("read-ahead unchanged", mountpoint=str(mountpoint), reason=exc.strerror)
+
+
+def _write_mount_files(pool_dir: Path, mountpoint: Path, opts: set[str]) -> None:
+    info = {"mountpoint": str(mountpoint), "pid": os.getpid(), "started": time.time(),
+            "options": sorted(opts)}
+    for name, text in ((MOUNT_INFO, json.dumps(info) + "\n"), (PID_FILE, f"{os.getpid()}\n")):
+        tmp = pool_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, pool_dir / name)
+
+
+def _remove_mount_files(pool_dir: Path) -> None:
+    for name in (MOUNT_INFO, PID_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (pool_dir / name).unlink()
+
+
+async def _serve_fuse(mountpoint: Path, ready: Callable[[], None]) -> None:
+    """Run the FUSE main loop until unmounted or told to stop by SIGTERM/SIGINT.
+
+    `ready` is called once the mount answers requests.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log("stopping on signal", signal=signal.Signals(signum).name)
+                    pyfuse3.terminate()
+                    return
+
+            async def become_ready() -> None:
+                await trio.to_thread.run_sync(_raise_read_ahead, mountpoint)
+                ready()
+
+            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(become_ready)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+
+def serve(pool: Path, mountpoint: Path, options: MountOptions, *, foreground: bool,
+          ready: Callable[[], None]) -> int:
+    """Be the mount daemon of `pool` at `mountpoint` until unmounted; returns an exit code.
+
+    Raises DynamicFSError if the mount cannot be set up; `ready` is called once the
+    filesystem answers requests.
+    """
+    pool_dir, mnt = Path(pool).absolute(), Path(mountpoint).absolute()
+    logmod.configure(options.log_level, pool_dir / LOG_DIR / LOG_FILE, stderr=foreground)
+    _share_log_with_pyfuse3()
+    # Until the event loop listens for them, SIGTERM/SIGINT wait (threads started from
+    # here on inherit the mask): a signal during start-up must not leave a dead mount.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    pool_obj = Pool.open(pool_dir)
+    try:
+        namespace = Namespace(pool_obj)
+        try:
+            opts = fuse_options(pool_dir, options)
+            _mount_fuse(Operations(namespace), mnt, opts)
+            control = ControlServer(pool_obj, before_op=lambda name: namespace.sync_all())
+            try:
+                _write_mount_files(pool_dir, mnt, opts)
+                control.start()
+                log("mounted", pool=str(pool_dir), mountpoint=str(mnt), options=sorted(opts),
+                    pid=os.getpid())
+                trio.run(_serve_fuse, mnt, ready)
+            finally:
+                control.stop()
+                pyfuse3.close(unmount=True)
+                log("unmounted", mountpoint=str(mnt))
+        finally:
+            namespace.close()
+    finally:
+        _remove_mount_files(pool_dir)
+        pool_obj.close()
+        log("pool closed", pool=str(pool_dir))
+    return 0
+
+
+def _share_log_with_pyfuse3() -> None:
+    """pyfuse3 reports failed replies through stdlib logging: send them to our log."""
+    ours, theirs = logging.getLogger("dynamicfs"), logging.getLogger("pyfuse3")
+    for handler in list(theirs.handlers):
+        theirs.removeHandler(handler)
+    for handler in ours.handlers:
+        theirs.addHandler(handler)
+    theirs.propagate = False
+    theirs.setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------- starting detached
+def start_detached(pool: Path, mountpoint: Path, options: MountOptions,
+                   timeout: float = START_TIMEOUT) -> int:
+    """Start the daemon in its own session; return its pid once the mount is ready."""
+    pool_dir, mnt = Path(pool).absolute(), Path(mountpoint).absolute()
+    log_dir = pool_dir / LOG_DIR
+    try:
+        log_dir.mkdir(exist_ok=True)
+        out = open(log_dir / DAEMON_OUT, "ab")
+    except OSError as exc:
+        raise MountError(f"cannot write the daemon log in {log_dir}: {exc.strerror}") from None
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "dynamicfs.fuse.daemon", "--ready-fd", str(write_end)]
+    if options.log_level:
+        cmd += ["--log-level", options.log_level]
+    if options.nonempty:
+        cmd += ["-o", "nonempty"]
+    for opt in options.fuse:
+        cmd += ["-o", opt]
+    cmd += ["--", str(pool_dir), str(mnt)]
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                pass_fds=(write_end,), start_new_session=True, cwd="/")
+    finally:
+        os.close(write_end)
+        out.close()
+    try:
+        report = _read_report(read_end, timeout)
+    finally:
+        os.close(read_end)
+    if report is None:
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise MountError(f"the mount daemon (pid {proc.pid}) did not get ready within "
+                             f"{timeout:.0f}s; see {log_dir / DAEMON_OUT}") from None
+        raise MountError(f"the mount daemon exited with code {code} before the mount was "
+                         f"ready{_last_words(log_dir / DAEMON_OUT)}; see {log_dir / DAEMON_OUT}")
+    if "error" in report:
+        proc.wait()
+        error_ = MountError(str(report["error"]))
+        error_.exit_code = int(str(report.get("exit_code", 1)))
+        raise error_
+    return proc.pid
+
+
+def _read_report(fd: int, timeout: float) -> dict[str, object] | None:
+    """The daemon's one-line JSON report, or None if it closed the pipe without one."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    line = data.split(b"\n", 1)[0]
+    try:
+        return dict(json.loads(line)) if line else None
+    except ValueError:
+        return None
+
+
+def _last_words(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return f" ({lines[-1].strip()})" if lines else ""
+
+
+# ---------------------------------------------------------------------- unmounting
+@dataclass
+class Unmounted:
+    mountpoint: str
+    pool: str | None
+    pid: int | None
+
+
+def unmount(target: Path | str, *, lazy: bool = False, timeout: float = EXIT_TIMEOUT) -> Unmounted:
+    """Unmount a DynamicFS mount (given its mountpoint or its pool) and wait for its daemon.
+
+    Returns once the daemon has flushed everything and exited, so the pool can be
+    mounted or opened again at once.
+    """
+    path = Path(os.path.abspath(target))
+    pool_dir: Path | None = None
+    if is_pool(path):
+        pool_dir = path
+        info = _mount_info(path)
+        if not info:
+            raise MountError(f"pool {path} is not mounted")
+        path = Path(str(info["mountpoint"]))
+    entry = find_mount(path)
+    if entry is None or entry.fstype != FSTYPE:
+        what = "nothing" if entry is None else f"a {entry.fstype} filesystem"
+        raise MountError(f"{path} is not a DynamicFS mount ({what} is mounted there)")
+    if pool_dir is None and is_pool(Path(entry.source)):
+        pool_dir = Path(entry.source)
+    pid = _daemon_pid(pool_dir, path) if pool_dir else None
+    _fusermount_u(path, lazy)
+    if pid is not None and not lazy:
+        _wait_exit(pid, timeout, path)
+    if pool_dir is not None and pid is None:
+        _clear_stale(pool_dir)
+    return Unmounted(str(path), str(pool_dir) if pool_dir else None, pid)
+
+
+def _mount_info(pool_dir: Path) -> dict[str, object] | None:
+    try:
+        return dict(json.loads((pool_dir / MOUNT_INFO).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _daemon_pid(pool_dir: Path, mountpoint: Path) -> int | None:
+    info = _mount_info(pool_dir)
+    if not info or info.get("mountpoint") != str(mountpoint):
+        return None
+    pid = int(str(info.get("pid", 0)))
+    return pid if pid > 0 and _alive(pid) else None
+
+
+def _clear_stale(pool_dir: Path) -> None:
+    """After a daemon died: drop the mount files it left, unless someone holds the pool."""
+    lock = PoolLock(pool_dir)
+    try:
+        lock.acquire()
+    except DynamicFSError:
+        return
+    try:
+        _remove_mount_files(pool_dir)
+        with contextlib.suppress(FileNotFoundError):
+            (pool_dir / SOCKET_NAME).unlink()
+    finally:
+        lock.release()
+
+
+def _fusermount_u(mountpoint: Path, lazy: bool) -> None:
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise MountError("fusermount3 is not installed; install the fuse3 package") from None
+    if done.returncode != 0:
+        said = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+        if "busy" in said.lower():
+            raise MountError(f"{mountpoint} is busy: close the files and leave the directories "
+                             f"in it (see 'fuser -vm {mountpoint}'), or use --lazy")
+        raise MountError(f"cannot unmount {mountpoint}: {said.removeprefix('fusermount3: ')}")
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_exit(pid: int, timeout: float, mountpoint: Path) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise MountError(f"{mountpoint} is unmounted but its daemon (pid {pid}) is still "
+                             f"flushing after {timeout:.0f}s; see the pool's log")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+# ---------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dynamicfs.fuse.daemon`: what start_detached() runs."""
+    parser = argparse.ArgumentParser(prog="dynamicfs-daemon")
+    parser.add_argument("--ready-fd", type=int, default=None)
+    parser.add_argument("--log-level", default=None)
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    parser.add_argument("pool")
+    parser.add_argument("mountpoint")
+    args = parser.parse_args(argv)
+
+    def report(message: dict[str, object]) -> None:
+        if args.ready_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(args.ready_fd, json.dumps(message).encode() + b"\n")
+            os.close(args.ready_fd)
+        args.ready_fd = None
+
+    try:
+        options = parse_options(args.options)
+        if args.log_level:
+            options.log_level = _log_level(args.log_level)
+        return serve(Path(args.pool), Path(args.mountpoint), options, foreground=False,
+                     ready=lambda: report({"ready": True, "pid": os.getpid()}))
+    except DynamicFSError as exc:
+        error("mount failed", reason=str(exc))
+        report({"error": str(exc), "exit_code": exc.exit_code})
+        return exc.exit_code
+    except BaseException as exc:
+        error("mount daemon crashed", reason=repr(exc))
+        report({"error": f"the mount daemon crashed: {exc!r}; see the pool's log",
+                "exit_code": 70})
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
