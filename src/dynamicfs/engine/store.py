@@ -579,12 +579,18 @@ class ExtentStore:
                        drop: list[FragmentRow], payloads: dict[int, bytes]) -> str:
         candidates = self._candidates()
         used = {r.disk_id for r in keep.values()}
+        # A dropped row on a readable disk stays unless its index gets a new home; until
+        # then its disk may take that index back, but no other one (invariant 1).
+        held = [(r.index, r.disk_id) for r in drop
+                if r.disk_id in self.pool.disks and self.pool.disks[r.disk_id].readable]
         new_rows: list[FragmentRow] = []
         per_disk: dict[int, list[tuple[FragmentRow, bytes]]] = collections.defaultdict(list)
         for index in sorted(payloads):
             payload = payloads[index]
             size = fragfmt.HEADER_SIZE + len(payload)
-            chosen = choose_disks(candidates, 1, size, exclude=used)
+            placed = {r.index for r in new_rows}
+            blocked = used | {d for i, d in held if i != index and i not in placed}
+            chosen = choose_disks(candidates, 1, size, exclude=blocked)
             if not chosen:
                 continue
             fsum = info.checksum if info.policy.kind == "replicate" else fragfmt.checksum(payload)
@@ -595,9 +601,16 @@ class ExtentStore:
             per_disk[chosen[0]].append((row, payload))
         failed = self._write_per_disk(per_disk)
         self.stats["rebuild_bytes"] += sum(r.size for r in new_rows if r.disk_id not in failed)
-        for row in [r for r in new_rows if r.disk_id in failed]:
-            self.pool.disks[row.disk_id].used -= row.size
-        new_rows = [r for r in new_rows if r.disk_id not in failed]
+        unwritten = [r for r in new_rows if r.disk_id in failed]
+        while unwritten:
+            for row in unwritten:
+                self.pool.disks[row.disk_id].used -= row.size
+            self._unlink_unrecorded(unwritten)
+            new_rows = [r for r in new_rows if r not in unwritten]
+            # An index whose write failed keeps its old row, and that row its disk.
+            placed = {r.index for r in new_rows}
+            staying = {d for i, d in held if i not in placed}
+            unwritten = [r for r in new_rows if r.disk_id in staying]
         placed = {r.index for r in new_rows}
         # Old rows for indexes that now have a new home, or that sit on disks that are
         # gone for good, are dropped; the rest stay until a later rebuild can move them.
