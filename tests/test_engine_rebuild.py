@@ -1,0 +1,158 @@
+"""Rebuild brings an extent back to full width on distinct disks, or fails and changes nothing."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dynamicfs.admin.disks import set_disk_health
+from dynamicfs.disks import fragment as fragfmt
+from dynamicfs.disks.faulty import FaultRule, FaultyDisk
+from dynamicfs.engine.pool import Pool
+from dynamicfs.errors import UnreadableError
+from dynamicfs.redundancy.policy import Policy
+from test_engine_support import (
+    EC42,
+    REP3,
+    KiB,
+    PoolMaker,
+    assert_accounting_matches_files,
+    assert_distinct_disks,
+    disk_of,
+    fragment_file,
+    fragments,
+    read_fresh,
+    store,
+)
+
+POLICIES = {"ec:4+2": EC42, "replicate:3": REP3}
+MiB = 1024 * KiB
+
+
+@pytest.fixture
+def make_pool(tmp_path: Path) -> Iterator[PoolMaker]:
+    with PoolMaker(tmp_path) as maker:
+        yield maker
+
+
+def assert_whole(pool: Pool, extent_id: int, policy: Policy, data: bytes) -> None:
+    """Full width, one fragment per index, each file intact, bytes right."""
+    rows = fragments(pool, extent_id)
+    assert sorted(i for _, _, i, _ in rows) == list(range(policy.width))
+    assert len({d for _, _, _, d in rows}) == policy.width
+    for fid, _, _, disk_id in rows:
+        fragfmt.parse(pool.backends[disk_id].fragment_path(fid).read_bytes())
+    assert read_fresh(pool, extent_id) == data
+
+
+def disk_files(pool: Pool) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for d in pool.disks.values()
+            for p in Path(d.path, "fragments").rglob("*.frag")}
+
+
+@pytest.mark.parametrize("policy_name", POLICIES)
+@pytest.mark.parametrize("disks", [6, 7])
+def test_rebuild_restores_lost_fragments_to_full_width(make_pool: PoolMaker, policy_name: str,
+                                                      disks: int) -> None:
+    pool = make_pool(disks)
+    policy = POLICIES[policy_name]
+    rng = random.Random(disks)
+    items = [(rng.randbytes(rng.randrange(1, 40 * KiB)), policy) for _ in range(8)]
+    ids = store(pool, items)
+    for n, extent_id in enumerate(ids):
+        for index in rng.sample(range(policy.width), 1 + n % policy.m):
+            fragment_file(pool, extent_id, index).unlink()
+    assert {pool.store.rebuild(extent_id) for extent_id in ids} == {"repaired"}
+    pool.meta.commit()
+    for extent_id, (data, _) in zip(ids, items, strict=True):
+        assert_whole(pool, extent_id, policy, data)
+        assert pool.store.rebuild(extent_id) == "healthy"
+    assert_distinct_disks(pool)
+    assert_accounting_matches_files(pool)
+
+
+@pytest.mark.parametrize("policy_name", POLICIES)
+def test_rebuild_with_too_few_good_fragments_fails_and_changes_nothing(
+        make_pool: PoolMaker, policy_name: str) -> None:
+    pool = make_pool(7)
+    policy = POLICIES[policy_name]
+    data = random.Random(1).randbytes(30 * KiB)
+    (extent_id,) = store(pool, [(data, policy)])
+    for index in range(policy.m + 1):
+        raw = bytearray(fragment_file(pool, extent_id, index).read_bytes())
+        raw[-1] ^= 1
+        fragment_file(pool, extent_id, index).write_bytes(bytes(raw))
+    rows, files = fragments(pool), disk_files(pool)
+    with pytest.raises(UnreadableError):
+        pool.store.rebuild(extent_id)
+    pool.meta.commit()
+    assert fragments(pool) == rows
+    assert disk_files(pool) == files
+
+
+def test_rebuild_moves_fragments_off_a_failed_disk(make_pool: PoolMaker) -> None:
+    pool = make_pool(8)
+    rng = random.Random(2)
+    items = [(rng.randbytes(20 * KiB), EC42 if i % 2 else REP3) for i in range(10)]
+    ids = store(pool, items)
+    set_disk_health(pool, "2", "failed")
+    for extent_id in ids:
+        pool.store.rebuild(extent_id)
+    pool.meta.commit()
+    for extent_id, (data, policy) in zip(ids, items, strict=True):
+        assert_whole(pool, extent_id, policy, data)
+        assert 2 not in {d for _, _, _, d in fragments(pool, extent_id)}
+
+
+def test_rebuild_puts_a_lost_fragment_back_on_its_own_disk_when_no_other_is_free(
+        make_pool: PoolMaker) -> None:
+    pool = make_pool(6)
+    data = random.Random(3).randbytes(50 * KiB)
+    (extent_id,) = store(pool, [(data, EC42)])
+    home = disk_of(pool, extent_id, 2)
+    fragment_file(pool, extent_id, 2).unlink()
+    assert pool.store.rebuild(extent_id) == "repaired"
+    pool.meta.commit()
+    assert disk_of(pool, extent_id, 2) == home
+    assert_whole(pool, extent_id, EC42, data)
+
+
+def test_rebuild_completes_an_under_redundant_extent_once_a_disk_returns(
+        make_pool: PoolMaker) -> None:
+    pool = make_pool(6)
+    set_disk_health(pool, "4", "failed")
+    data = random.Random(4).randbytes(10 * KiB)
+    (extent_id,) = store(pool, [(data, EC42)])
+    assert len(fragments(pool, extent_id)) == 5
+    assert pool.store.rebuild(extent_id) == "stuck"
+    set_disk_health(pool, "4", "healthy")
+    assert pool.store.rebuild(extent_id) == "repaired"
+    pool.meta.commit()
+    assert_whole(pool, extent_id, EC42, data)
+    assert_accounting_matches_files(pool)
+
+
+def test_a_rebuild_whose_writes_fail_leaves_consistent_metadata(make_pool: PoolMaker) -> None:
+    # Equal declared capacities make the spare disk (most free) the first choice.
+    pool = make_pool(7, capacity=8 * MiB)
+    data = random.Random(5).randbytes(40 * KiB)
+    (extent_id,) = store(pool, [(data, EC42)])
+    spare = (set(pool.disks) - {d for _, _, _, d in fragments(pool, extent_id)}).pop()
+    # Index 0 loses its file (its disk may take it back), index 1 loses its disk.
+    fragment_file(pool, extent_id, 0).unlink()
+    set_disk_health(pool, str(disk_of(pool, extent_id, 1)), "failed")
+    # Index 0 goes to the spare, whose write fails; index 1 must not take index 0's disk.
+    pool.backends[spare] = FaultyDisk(pool.backends[spare], [FaultRule("write", "short")])
+    pool.store.rebuild(extent_id)
+    pool.meta.commit()
+    assert_distinct_disks(pool)
+    assert read_fresh(pool, extent_id) == data
+    assert list(pool.backends[spare].list_fragments()) == []
+    pool.backends[spare] = pool.backends[spare].inner
+    assert pool.store.rebuild(extent_id) == "repaired"
+    pool.meta.commit()
+    assert_whole(pool, extent_id, EC42, data)
+    assert_accounting_matches_files(pool)
