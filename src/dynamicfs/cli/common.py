@@ -20,7 +20,15 @@ from dynamicfs.control import client
 from dynamicfs.engine.pool import Pool, is_pool
 from dynamicfs.errors import PoolBusyError, PoolError
 
-console = Console()
+# Piped output is read by scripts: tables there keep each row on one line.
+PIPE_WIDTH = 4096
+
+
+def _stdout_width() -> int | None:
+    return None if sys.stdout.isatty() else PIPE_WIDTH
+
+
+console = Console(width=_stdout_width())
 err_console = Console(stderr=True)
 
 
@@ -113,9 +121,10 @@ def print_json(value: Any) -> None:
 
 
 def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    """A table on stdout; wrapped to the terminal, never wrapped when piped."""
     table = Table(title=title, show_lines=False, header_style="bold")
     for col in columns:
         table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*[str(c) for c in row])
-    console.print(table)
+    Console(width=_stdout_width()).print(table)
