@@ -45,7 +45,11 @@ def _register_all() -> None:
 def main(argv: list[str] | None = None) -> int:
     _register_all()
     try:
-        cli.main(args=argv, prog_name="dynamicfs", standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of
+        # click.exceptions.Exit / ctx.exit(); commands use it to say what they found.
+        code = cli.main(args=argv, prog_name="dynamicfs", standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool):
+            return code
     except DynamicFSError as exc:
         click.echo(f"dynamicfs: error: {exc}", err=True)
         return exc.exit_code
