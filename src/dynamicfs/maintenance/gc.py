@@ -1,0 +1,206 @@
+"""Garbage collection: orphan fragment files and extents no file refers to.
+
+An orphan is a fragment file on a disk whose id has no `fragments` row for that disk:
+left by a crash between writing fragments and committing the metadata that names
+them (DESIGN invariant 5), by a rebuild that moved a fragment, or by a delete whose
+unlink did not happen. An unreferenced extent has no `file_extents` row.
+
+Both are removed only once older than a grace period (default one hour, by file mtime
+and extent creation time), and never when they belong to the pool's current open
+(ids of the current epoch): those may be fragments and extents being written right
+now by the mount daemon, not yet recorded. Failed disks are not listed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dynamicfs.disks import health
+from dynamicfs.engine.pool import ID_BITS
+from dynamicfs.errors import DynamicFSError
+
+if TYPE_CHECKING:
+    from dynamicfs.engine.pool import Pool
+
+DEFAULT_GRACE = 3600.0
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """'10m' -> 600.0; units s, m, h, d, w (bare numbers are seconds)."""
+    match = _AGE.match(text.lower())
+    if not match:
+        raise DynamicFSError(f"malformed age {text!r}: use a number with a unit, "
+                             "e.g. 0s, 10m, 2h, 7d")
+    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+@dataclass
+class OrphanFragment:
+    disk_id: int
+    fragment_id: int
+    path: str
+    size: int
+    age: float  # seconds since the file was last modified
+
+
+@dataclass
+class UnreferencedExtent:
+    extent_id: int
+    length: int
+    fragments: int
+    age: float
+
+
+@dataclass
+class OrphanScan:
+    orphans: list[OrphanFragment] = field(default_factory=list)
+    extents: list[UnreferencedExtent] = field(default_factory=list)
+    # Found but left alone: written by the pool's current open (perhaps in flight).
+    current: int = 0
+    skipped_disks: list[str] = field(default_factory=list)
+
+    @property
+    def orphan_bytes(self) -> int:
+        return sum(o.size for o in self.orphans)
+
+
+@dataclass
+class CleanupReport:
+    older_than: float
+    deleted: int
+    deleted_bytes: int
+    extents_freed: int
+    kept_young: int
+    kept_current: int
+    errors: list[str]
+    skipped_disks: list[str]
+
+
+@dataclass
+class DiskOrphans:
+    disk_id: int
+    path: str
+    orphans: int
+    bytes: int
+    oldest: float
+    older_than_grace: int
+
+
+@dataclass
+class OrphanStats:
+    disks: list[DiskOrphans]
+    orphans: int
+    bytes: int
+    extents: int
+    extent_bytes: int
+    current: int
+    skipped_disks: list[str]
+
+
+def _current_epoch(pool: Pool, object_id: int) -> bool:
+    return object_id >> ID_BITS >= pool.config.epoch
+
+
+def find_orphans(pool: Pool) -> OrphanScan:
+    """Every orphan fragment file and unreferenced extent, whatever its age."""
+    scan = OrphanScan()
+    now = time.time()
+    for disk in sorted(pool.disks.values(), key=lambda d: d.id):
+        if disk.state == health.FAILED:
+            scan.skipped_disks.append(f"disk {disk.id} ({disk.path}): failed")
+            continue
+        backend = pool.backends[disk.id]
+        try:
+            # List first, then read the rows: a fragment recorded in between is not missed.
+            files = list(backend.list_fragments())
+        except OSError as exc:
+            scan.skipped_disks.append(f"disk {disk.id} ({disk.path}): {exc.strerror}")
+            continue
+        with pool.meta.read() as conn:
+            known = {r[0] for r in conn.execute("SELECT id FROM fragments WHERE disk_id = ?",
+                                                (disk.id,))}
+        for fragment_id, mtime in files:
+            if fragment_id in known:
+                continue
+            if _current_epoch(pool, fragment_id):
+                scan.current += 1
+                continue
+            path = backend.fragment_path(fragment_id)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            scan.orphans.append(OrphanFragment(disk.id, fragment_id, str(path), size,
+                                               max(0.0, now - mtime)))
+    with pool.meta.read() as conn:
+        rows = conn.execute(
+            "SELECT e.id, e.length, e.created, (SELECT count(*) FROM fragments f "
+            "WHERE f.extent_id = e.id) FROM extents e WHERE NOT EXISTS "
+            "(SELECT 1 FROM file_extents x WHERE x.extent_id = e.id) ORDER BY e.id").fetchall()
+    for extent_id, length, created, fragments in rows:
+        if _current_epoch(pool, extent_id):
+            scan.current += 1
+            continue
+        scan.extents.append(UnreferencedExtent(extent_id, length, fragments,
+                                               max(0.0, now - created)))
+    return scan
+
+
+def detect_orphans(pool: Pool) -> OrphanScan:
+    return find_orphans(pool)
+
+
+def cleanup_orphans(pool: Pool, older_than: float = DEFAULT_GRACE) -> CleanupReport:
+    """Delete orphan files and free unreferenced extents older than `older_than` seconds."""
+    scan = find_orphans(pool)
+    deleted = deleted_bytes = kept = 0
+    errors: list[str] = []
+    for orphan in scan.orphans:
+        if orphan.age < older_than:
+            kept += 1
+            continue
+        fragment_id = orphan.fragment_id
+        with pool.meta.read() as conn:  # recorded since the scan: not an orphan after all
+            if conn.execute("SELECT 1 FROM fragments WHERE id = ? AND disk_id = ?",
+                            (fragment_id, orphan.disk_id)).fetchone():
+                continue
+        try:
+            os.unlink(orphan.path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            errors.append(f"{orphan.path}: {exc.strerror}")
+            continue
+        deleted += 1
+        deleted_bytes += orphan.size
+    freed = 0
+    with pool.meta.write() as conn:
+        for extent in scan.extents:
+            if extent.age < older_than:
+                kept += 1
+                continue
+            freed += pool.store.free_if_unreferenced(conn, [extent.extent_id])
+    if freed or deleted:
+        pool.record_event("cleanup-orphans", {"deleted": deleted, "bytes": deleted_bytes,
+                                              "extents": freed})
+    pool.meta.commit()
+    return CleanupReport(older_than, deleted, deleted_bytes, freed, kept, scan.current, errors,
+                         scan.skipped_disks)
+
+
+def orphan_stats(pool: Pool, grace: float = DEFAULT_GRACE) -> OrphanStats:
+    scan = find_orphans(pool)
+    disks = []
+    for disk in sorted(pool.disks.values(), key=lambda d: d.id):
+        mine = [o for o in scan.orphans if o.disk_id == disk.id]
+        disks.append(DiskOrphans(disk.id, disk.path, len(mine), sum(o.size for o in mine),
+                                 round(max((o.age for o in mine), default=0.0), 1),
+                                 sum(1 for o in mine if o.age >= grace)))
+    return OrphanStats(disks, len(scan.orphans), scan.orphan_bytes, len(scan.extents),
+                       sum(e.length for e in scan.extents), scan.current, scan.skipped_disks)

@@ -1,0 +1,225 @@
+"""The repair queue: bring extents back to full redundancy, least redundant first.
+
+What needs repair:
+- extents the read path found a bad or missing fragment of (ExtentStore.repair_wanted,
+  in memory; `persist_repair_wanted` moves them into the `repair_queue` table so they
+  survive a restart),
+- extents queued in `repair_queue` (by the read path, by scrub, by fsck),
+- extents with a fragment on a failed disk or on a disk the pool no longer has,
+- extents stored with fewer fragments than their policy (DESIGN invariant 6: a write
+  with too few healthy disks records them; repair completes them when disks allow).
+
+`rebuild_pending` works through them with ExtentStore.rebuild, the extent with the
+fewest fragments to spare first, and commits every COMMIT_EVERY extents, so it can run
+as a command or in a background thread of the mount daemon (`should_stop` ends it
+between two extents). An extent that cannot be completed stays queued.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dynamicfs.disks import health
+from dynamicfs.errors import DynamicFSError, UnreadableError
+from dynamicfs.maintenance.paths import PathResolver
+from dynamicfs.maintenance.scrub import blocker_note, repair_blockers
+from dynamicfs.redundancy.policy import parse_concrete
+
+if TYPE_CHECKING:
+    from sqlite3 import Connection
+
+    from dynamicfs.engine.pool import Pool
+
+    Progress = Callable[[int, int, str], None]
+
+COMMIT_EVERY = 64
+READ_ERROR = "read found a bad or missing fragment"
+
+
+@dataclass
+class PendingExtent:
+    extent_id: int
+    margin: int  # fragments that count minus k: how many more losses it survives
+    reason: str
+
+
+@dataclass
+class RepairItem:
+    extent_id: int
+    outcome: str  # repaired | partial | stuck | unreadable
+    detail: str
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RepairReport:
+    pending: int
+    attempted: int
+    repaired: int
+    already_healthy: int
+    partial: int
+    stuck: int
+    unreadable: int
+    remaining: int
+    duration: float
+    problems: list[RepairItem]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return self.remaining == 0
+
+
+def persist_repair_wanted(pool: Pool) -> int:
+    """Move the extents the read path wants repaired into `repair_queue`; how many."""
+    store = pool.store
+    wanted = set(store.repair_wanted)
+    if not wanted:
+        return 0
+    now = time.time()
+    with pool.meta.write() as conn:
+        conn.executemany("INSERT OR IGNORE INTO repair_queue (extent_id, reason, queued) "
+                         "SELECT id, ?, ? FROM extents WHERE id = ?",
+                         [(READ_ERROR, now, e) for e in sorted(wanted)])
+    store.repair_wanted.difference_update(wanted)
+    return len(wanted)
+
+
+def counting_disks(pool: Pool) -> list[int]:
+    """Disks whose fragments count toward redundancy."""
+    return sorted(d.id for d in pool.disks.values() if d.state in health.COUNTS_FOR_REDUNDANCY)
+
+
+def id_list(ids: list[int]) -> str:
+    """'(1, 2, 3)' for an SQL IN clause (ids are ints, so this is safe to inline)."""
+    return f"({', '.join(str(int(i)) for i in ids)})"
+
+
+def under_redundant(conn: Connection, counting: list[int]) -> dict[int, int]:
+    """Extent id -> margin (counting fragments - k) for every extent short of its width."""
+    out: dict[int, int] = {}
+    for (policy_text,) in conn.execute("SELECT DISTINCT policy FROM extents").fetchall():
+        policy = parse_concrete(policy_text)
+        rows = conn.execute(
+            "SELECT e.id, count(f.id) FROM extents e LEFT JOIN fragments f "
+            f"ON f.extent_id = e.id AND f.disk_id IN {id_list(counting)} AND f.idx < ? "
+            "WHERE e.policy = ? GROUP BY e.id HAVING count(f.id) < ?",
+            (policy.width, policy_text, policy.width)).fetchall()
+        for extent_id, count in rows:
+            out[extent_id] = count - policy.k
+    return out
+
+
+def pending_repairs(pool: Pool) -> list[PendingExtent]:
+    """Everything that needs repair, fewest fragments to spare first."""
+    persist_repair_wanted(pool)
+    counting = counting_disks(pool)
+    failed = sorted(d.id for d in pool.disks.values() if d.state == health.FAILED)
+    with pool.meta.read() as conn:
+        short = under_redundant(conn, counting)
+        reasons: dict[int, str] = {}
+        for extent_id, reason in conn.execute("SELECT extent_id, reason FROM repair_queue"):
+            reasons[extent_id] = reason
+        for (extent_id,) in conn.execute(
+                "SELECT DISTINCT extent_id FROM fragments "
+                f"WHERE disk_id IN {id_list(failed)} OR disk_id NOT IN "
+                f"{id_list(list(pool.disks))}"):
+            reasons.setdefault(extent_id, "fragment on a failed or removed disk")
+        for extent_id in short:
+            reasons.setdefault(extent_id, "fewer fragments than its policy")
+        margins = dict(short)
+        unknown = [e for e in reasons if e not in margins]
+        for extent_id in unknown:
+            row = conn.execute("SELECT policy FROM extents WHERE id = ?", (extent_id,)).fetchone()
+            if row is None:  # freed since it was queued
+                margins[extent_id] = 1 << 30
+                continue
+            count = conn.execute(f"SELECT count(*) FROM fragments WHERE extent_id = ? AND "
+                                 f"disk_id IN {id_list(counting)}", (extent_id,)).fetchone()[0]
+            margins[extent_id] = count - parse_concrete(row[0]).k
+    items = [PendingExtent(e, margins[e], reasons[e]) for e in reasons]
+    items.sort(key=lambda p: (p.margin, p.extent_id))
+    return items
+
+
+def _requeue(pool: Pool, extent_id: int, reason: str) -> None:
+    with pool.meta.write() as conn:
+        conn.execute("INSERT OR REPLACE INTO repair_queue (extent_id, reason, queued) "
+                     "VALUES (?, ?, ?)", (extent_id, reason[:500], time.time()))
+
+
+def _dequeue(pool: Pool, extent_id: int) -> None:
+    with pool.meta.write() as conn:
+        conn.execute("DELETE FROM repair_queue WHERE extent_id = ?", (extent_id,))
+
+
+def _exists(pool: Pool, extent_id: int) -> bool:
+    with pool.meta.read() as conn:
+        return conn.execute("SELECT 1 FROM extents WHERE id = ?",
+                            (extent_id,)).fetchone() is not None
+
+
+def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | None = None,
+                    *, commit_every: int = COMMIT_EVERY,
+                    should_stop: Callable[[], bool] | None = None) -> RepairReport:
+    """Repair queued and under-redundant extents (at most `limit`), least redundant first."""
+    start = time.monotonic()
+    items = pending_repairs(pool)
+    todo = items if limit is None else items[:limit]
+    notes = []
+    blockers = repair_blockers(pool)
+    if blockers:
+        notes.append(blocker_note(blockers))
+        todo = []
+    counts = {"repaired": 0, "healthy": 0, "partial": 0, "stuck": 0, "unreadable": 0}
+    problems: list[RepairItem] = []
+    attempted = 0
+    for n, item in enumerate(todo):
+        if should_stop is not None and should_stop():
+            break
+        if progress is not None:
+            progress(n, len(todo), f"extent {item.extent_id}")
+        attempted += 1
+        if not _exists(pool, item.extent_id):
+            _dequeue(pool, item.extent_id)
+            counts["healthy"] += 1
+            continue
+        outcome, detail = _rebuild_one(pool, item)
+        counts[outcome] += 1
+        if outcome != "repaired" and outcome != "healthy":
+            problems.append(RepairItem(item.extent_id, outcome, detail))
+        if (n + 1) % commit_every == 0:
+            pool.meta.commit()
+    pool.meta.commit()
+    if progress is not None:
+        progress(attempted, len(todo), "")
+    with pool.meta.read() as conn:
+        resolver = PathResolver(conn)
+        for p in problems:
+            p.paths = resolver.paths_of_extent(p.extent_id)
+    remaining = len(items) - counts["repaired"] - counts["healthy"]
+    return RepairReport(len(items), attempted, counts["repaired"], counts["healthy"],
+                        counts["partial"], counts["stuck"], counts["unreadable"], remaining,
+                        round(time.monotonic() - start, 3), problems, notes)
+
+
+def _rebuild_one(pool: Pool, item: PendingExtent) -> tuple[str, str]:
+    try:
+        outcome = pool.store.rebuild(item.extent_id)
+    except UnreadableError as exc:
+        _requeue(pool, item.extent_id, f"unreadable: {exc}")
+        return "unreadable", str(exc)
+    except (DynamicFSError, OSError) as exc:
+        _requeue(pool, item.extent_id, f"{item.reason}; repair failed: {exc}")
+        return "stuck", str(exc)
+    if outcome == "repaired":
+        return "repaired", ""
+    if outcome == "healthy":
+        _dequeue(pool, item.extent_id)
+        return "healthy", ""
+    detail = "not enough healthy disks with room for every fragment"
+    _requeue(pool, item.extent_id, f"{item.reason}; {detail}")
+    return ("partial" if outcome == "partial" else "stuck"), detail
