@@ -46,6 +46,7 @@ class MetaStore:
         self._in_tx = False
         self._depth = 0
         self.before_commit: list[Callable[[], None]] = []
+        self.after_rollback: list[Callable[[], None]] = []
         self._after_commit: list[Callable[[], None]] = []
         self.commits = 0
 
@@ -95,6 +96,16 @@ class MetaStore:
             finally:
                 self._depth -= 1
 
+    def begin(self) -> None:
+        """Open the group transaction, so that the next commit() runs its hooks.
+
+        For callers that keep changes in memory and write them from a before-commit hook.
+        """
+        with self.lock:
+            if not self._in_tx:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self._in_tx = True
+
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         with self.lock:
@@ -137,6 +148,8 @@ class MetaStore:
                 self.conn.execute("ROLLBACK")
                 self._in_tx = False
                 self._after_commit = []
+                for hook in self.after_rollback:
+                    hook()
 
     def close(self) -> None:
         with self.lock:

@@ -17,6 +17,11 @@ Concurrency rules:
   does the same for everything every `commit_interval` seconds.
 - An unlinked file that is still open keeps its inode and data until its last
   release; inodes left with no links after a crash are removed at start-up.
+- Inode cache: `_inodes` holds inode rows; the hot fields (mode, owner, size, times)
+  change in memory only and are written by a before-commit hook, so a write or a
+  utimens costs no SQL. Every other change runs in `_change()`: it first writes the
+  dirty rows in a savepoint of their own, then runs its SQL, then drops the cache, so
+  SQL is the truth for structural changes even when one of them rolls back.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import queue
 import stat
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from sqlite3 import Connection
 from typing import Any
@@ -48,6 +55,7 @@ from dynamicfs.placement.placement import usable_capacity
 from dynamicfs.redundancy.policy import AUTO, AUTO_EC_THRESHOLD, parse_policy
 
 INFLIGHT_LIMIT = 64 * 1024 * 1024
+INODE_CACHE_SIZE = 65536
 DIRTY_LIMIT = 96 * 1024 * 1024
 FLUSH_BATCH_BYTES = 16 * 1024 * 1024
 FLUSH_BATCH_ITEMS = 256
@@ -55,6 +63,10 @@ ATIME_GRACE_NS = 24 * 3600 * 10**9
 
 Row = tuple[Any, ...]
 _INODE_COLS = "ino, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns"
+# Positions in an inode row.
+MODE, NLINK, UID, GID, SIZE, ATIME, MTIME, CTIME = 1, 2, 3, 4, 6, 7, 8, 9
+_HOT = {"mode": MODE, "uid": UID, "gid": GID, "size": SIZE, "atime_ns": ATIME,
+        "mtime_ns": MTIME, "ctime_ns": CTIME}
 
 
 @dataclass
@@ -87,6 +99,11 @@ class Namespace:
         self._closing = threading.Event()
         self.commit_interval = commit_interval
         self._zero = bytes(self.extent_size)
+        self._inodes: dict[int, list[Any]] = {}
+        self._stored: dict[int, int] = {}
+        self._dirty_inodes: set[int] = set()
+        self.meta.before_commit.insert(0, self._flush_inodes)
+        self.meta.after_rollback.append(self._drop_cache)
         self._remove_unlinked()
         self._flusher = threading.Thread(target=self._flush_loop, name="dynamicfs-flusher",
                                          daemon=True)
@@ -114,25 +131,80 @@ class Namespace:
             self.meta.commit()
 
     def _remove_unlinked(self) -> None:
-        with self.meta.write() as conn:
+        with self._change() as conn:
             for (ino,) in conn.execute("SELECT ino FROM inodes WHERE nlink = 0").fetchall():
                 self._destroy(conn, ino)
         self.meta.commit()
 
     # ------------------------------------------------------------------ attributes
+    # ------------------------------------------------------------------ inode cache
     def _row(self, conn: Connection, ino: int) -> Row:
+        cached = self._inodes.get(ino)
+        if cached is not None:
+            return tuple(cached)
         row = conn.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
         if row is None:
             raise FsError(errno.ENOENT)
-        return row
+        if len(self._inodes) > INODE_CACHE_SIZE:
+            self._evict()
+        self._inodes[ino] = list(row)
+        return tuple(row)
+
+    def _evict(self) -> None:
+        for ino in [i for i in self._inodes if i not in self._dirty_inodes]:
+            del self._inodes[ino]
+            self._stored.pop(ino, None)
+
+    def _set(self, ino: int, **fields: int) -> None:
+        """Change hot fields of an inode in the cache only."""
+        if ino not in self._inodes:
+            self._row(self.meta.conn, ino)
+        row = self._inodes[ino]
+        for name, value in fields.items():
+            row[_HOT[name]] = value
+        self._dirty_inodes.add(ino)
+        self.meta.begin()
+
+    def _flush_inodes(self) -> None:
+        """Write dirty cached inodes (before-commit hook; also before structural changes)."""
+        with self.lock:
+            if not self._dirty_inodes:
+                return
+            rows = [self._inodes[i] for i in self._dirty_inodes if i in self._inodes]
+            with self.meta.write() as conn:
+                conn.executemany("UPDATE inodes SET mode = ?, uid = ?, gid = ?, size = ?, "
+                                 "atime_ns = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
+                                 [(r[MODE], r[UID], r[GID], r[SIZE], r[ATIME], r[MTIME],
+                                   r[CTIME], r[0]) for r in rows])
+            self._dirty_inodes.clear()
+
+    def _drop_cache(self) -> None:
+        with self.lock:
+            self._inodes.clear()
+            self._stored.clear()
+            self._dirty_inodes.clear()
+
+    @contextmanager
+    def _change(self) -> Iterator[Connection]:
+        """A structural change: dirty inodes written first, cache dropped after."""
+        with self.lock:
+            self._flush_inodes()
+            try:
+                with self.meta.write() as conn:
+                    yield conn
+            finally:
+                self._inodes.clear()
+                self._stored.clear()
 
     def _attr(self, conn: Connection, row: Row) -> Attr:
         ino, mode, nlink, uid, gid, rdev, size, atime, mtime, ctime = row
         stored = 0
         if stat.S_ISREG(mode):
-            stored = conn.execute("SELECT coalesce(sum(e.length), 0) FROM file_extents f "
-                                  "JOIN extents e ON e.id = f.extent_id WHERE f.ino = ?",
-                                  (ino,)).fetchone()[0]
+            if ino not in self._stored:
+                self._stored[ino] = conn.execute(
+                    "SELECT coalesce(sum(e.length), 0) FROM file_extents f "
+                    "JOIN extents e ON e.id = f.extent_id WHERE f.ino = ?", (ino,)).fetchone()[0]
+            stored = self._stored[ino]
             st = self.files.get(ino)
             if st is not None:
                 stored += sum(len(b) for b in st.dirty.values())
@@ -152,27 +224,21 @@ class Namespace:
             now = time.time_ns()
             if size is not None:
                 self._truncate(ino, size, now)
-            with self.meta.write() as conn:
-                row = self._row(conn, ino)
-                sets: list[str] = ["ctime_ns = ?"]
-                args: list[object] = [now]
-                if mode is not None:
-                    sets.append("mode = ?")
-                    args.append((row[1] & ~0o7777) | (mode & 0o7777))
-                if uid is not None:
-                    sets.append("uid = ?")
-                    args.append(uid)
-                if gid is not None:
-                    sets.append("gid = ?")
-                    args.append(gid)
-                if atime_ns is not None:
-                    sets.append("atime_ns = ?")
-                    args.append(atime_ns)
-                if mtime_ns is not None:
-                    sets.append("mtime_ns = ?")
-                    args.append(mtime_ns)
-                conn.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE ino = ?", (*args, ino))
-                return self._attr(conn, self._row(conn, ino))
+            conn = self.meta.conn
+            row = self._row(conn, ino)
+            fields: dict[str, int] = {"ctime_ns": now}
+            if mode is not None:
+                fields["mode"] = (row[MODE] & ~0o7777) | (mode & 0o7777)
+            if uid is not None:
+                fields["uid"] = uid
+            if gid is not None:
+                fields["gid"] = gid
+            if atime_ns is not None:
+                fields["atime_ns"] = atime_ns
+            if mtime_ns is not None:
+                fields["mtime_ns"] = mtime_ns
+            self._set(ino, **fields)
+            return self._attr(conn, self._row(conn, ino))
 
     # ------------------------------------------------------------------ lookups
     def lookup(self, parent: int, name: bytes) -> Attr:
@@ -181,14 +247,11 @@ class Namespace:
                 return self._attr(conn, self._row(conn, parent))
             if name == b"..":
                 return self._attr(conn, self._row(conn, self._parent_of(conn, parent)))
-            cols = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
-            row = conn.execute(f"SELECT {cols} "
-                               "FROM dentries d JOIN inodes i ON i.ino = d.ino "
-                               "WHERE d.parent = ? AND d.name = ?", (parent, name)).fetchone()
-            if row is None:
+            ino = self._entry(conn, parent, name)
+            if ino is None:
                 self._row(conn, parent)
                 raise FsError(errno.ENOENT)
-            return self._attr(conn, row)
+            return self._attr(conn, self._row(conn, ino))
 
     def _parent_of(self, conn: Connection, ino: int) -> int:
         if ino == ROOT_INO:
@@ -219,7 +282,7 @@ class Namespace:
     def _new_inode(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                    rdev: int = 0, target: bytes | None = None) -> Attr:
         self._check_name(name)
-        with self.meta.write() as conn:
+        with self._change() as conn:
             prow = self._dir_row(conn, parent)
             if self._entry(conn, parent, name) is not None:
                 raise FsError(errno.EEXIST)
@@ -270,7 +333,7 @@ class Namespace:
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         self._check_name(new_name)
-        with self.meta.write() as conn:
+        with self._change() as conn:
             row = self._row(conn, ino)
             if stat.S_ISDIR(row[1]):
                 raise FsError(errno.EPERM)
@@ -284,11 +347,12 @@ class Namespace:
                          (now, ino))
             conn.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
                          (now, now, new_parent))
+            self._inodes.pop(ino, None)
             return self._attr(conn, self._row(conn, ino))
 
     # ------------------------------------------------------------------ removal
     def unlink(self, parent: int, name: bytes) -> None:
-        with self.meta.write() as conn:
+        with self._change() as conn:
             self._dir_row(conn, parent)
             ino = self._entry(conn, parent, name)
             if ino is None:
@@ -300,7 +364,7 @@ class Namespace:
     def rmdir(self, parent: int, name: bytes) -> None:
         if name == b".":
             raise FsError(errno.EINVAL)
-        with self.meta.write() as conn:
+        with self._change() as conn:
             self._dir_row(conn, parent)
             ino = self._entry(conn, parent, name)
             if ino is None:
@@ -350,7 +414,7 @@ class Namespace:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
                 flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise FsError(errno.EINVAL)
-        with self.meta.write() as conn:
+        with self._change() as conn:
             self._dir_row(conn, old_parent)
             self._dir_row(conn, new_parent)
             src = self._entry(conn, old_parent, old_name)
@@ -432,7 +496,12 @@ class Namespace:
             rows = conn.execute(f"SELECT d.id, d.name, {cols} FROM dentries d "
                                 "JOIN inodes i ON i.ino = d.ino WHERE d.parent = ? AND d.id > ? "
                                 "ORDER BY d.id LIMIT ?", (ino, offset, limit)).fetchall()
-            return [DirEntry(bytes(r[1]), self._attr(conn, r[2:]), r[0]) for r in rows]
+            return [DirEntry(bytes(r[1]), self._attr(conn, self._cached_or(r[2:])), r[0])
+                    for r in rows]
+
+    def _cached_or(self, row: Row) -> Row:
+        cached = self._inodes.get(row[0])
+        return tuple(cached) if cached is not None else row
 
     # ------------------------------------------------------------------ open files
     def _state(self, ino: int) -> FileState:
@@ -459,14 +528,17 @@ class Namespace:
             if st.opens > 0:
                 return
             self._enqueue_dirty(ino, st)
-            with self.meta.write() as conn:
-                row = conn.execute("SELECT nlink, size, policy FROM inodes WHERE ino = ?",
-                                   (ino,)).fetchone()
-                if row is not None and row[0] <= 0:
+            try:
+                inode = self._row(self.meta.conn, ino)
+            except FsError:
+                return
+            if inode[NLINK] <= 0:
+                with self._change() as conn:
                     self._destroy(conn, ino)
-                    return
-            if row is not None:
-                self._convert_auto(ino, st, row[1], row[2])
+                return
+            policy = self.meta.conn.execute("SELECT policy FROM inodes WHERE ino = ?",
+                                            (ino,)).fetchone()
+            self._convert_auto(ino, st, inode[SIZE], policy[0] if policy else None)
             if st.idle:
                 self.files.pop(ino, None)
 
@@ -552,11 +624,10 @@ class Namespace:
             return plan, length
 
     def _touch_atime(self, conn: Connection, row: Row) -> None:
-        ino, atime, mtime, ctime = row[0], row[7], row[8], row[9]
+        ino, atime, mtime, ctime = row[0], row[ATIME], row[MTIME], row[CTIME]
         now = time.time_ns()
         if atime <= mtime or atime <= ctime or now - atime > ATIME_GRACE_NS:
-            with self.meta.write() as wconn:
-                wconn.execute("UPDATE inodes SET atime_ns = ? WHERE ino = ?", (now, ino))
+            self._set(ino, atime_ns=now)
 
     def _assemble(self, plan: list[tuple[int, int, bytes | int | None]], offset: int,
                   length: int) -> bytes:
@@ -617,11 +688,9 @@ class Namespace:
                     self._dirty_bytes -= len(buf)
                     self._enqueue(ino, st, chunk, bytes(buf))
             now = time.time_ns()
-            with self.meta.write() as conn:
-                conn.execute("UPDATE inodes SET size = max(size, ?), mtime_ns = ?, ctime_ns = ?, "
-                             "mode = mode & ? WHERE ino = ?",
-                             (offset + len(data), now, now, ~(stat.S_ISUID | stat.S_ISGID)
-                              if row[1] & 0o111 else ~0, ino))
+            mode = row[MODE] & ~(stat.S_ISUID | stat.S_ISGID) if row[MODE] & 0o111 else row[MODE]
+            self._set(ino, size=max(row[SIZE], offset + len(data)), mtime_ns=now, ctime_ns=now,
+                      mode=mode)
             if self._dirty_bytes > DIRTY_LIMIT:
                 self._enqueue_dirty(ino, st)
             while self._inflight_bytes > INFLIGHT_LIMIT:
@@ -661,7 +730,7 @@ class Namespace:
         st = self._state(ino)
         while st.pending:
             self.cond.wait()
-        with self.meta.write() as conn:
+        with self._change() as conn:
             row = self._row(conn, ino)
             if stat.S_ISDIR(row[1]):
                 raise FsError(errno.EISDIR)
@@ -692,7 +761,7 @@ class Namespace:
 
     def fallocate(self, ino: int, offset: int, length: int) -> None:
         """Mode 0 only: extend the file size (space is not reserved ahead)."""
-        with self.meta.write() as conn:
+        with self._change() as conn:
             row = self._row(conn, ino)
             if not stat.S_ISREG(row[1]):
                 raise FsError(errno.ENODEV)
@@ -741,16 +810,15 @@ class Namespace:
         with self.meta.read() as conn:
             info = {}
             for ino in {b[0] for b in batch}:
-                row = conn.execute("SELECT size, policy FROM inodes WHERE ino = ?",
-                                   (ino,)).fetchone()
+                row = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (ino,)).fetchone()
                 if row is not None:
-                    info[ino] = row
+                    info[ino] = (self._row(conn, ino)[SIZE], row[0])
         todo: list[tuple[int, int, bytes]] = []
         holes: list[tuple[int, int, bytes]] = []
-        for ino, chunk, data in batch:
-            if ino not in info:
+        for item in batch:
+            if item[0] not in info:
                 continue
-            (holes if data.count(0) == len(data) else todo).append((ino, chunk, data))
+            (holes if item[2].count(0) == len(item[2]) else todo).append(item)
         written = []
         failure = 0
         try:
@@ -769,13 +837,16 @@ class Namespace:
         with self.lock:
             try:
                 with self.meta.write() as conn:
-                    for (ino, chunk, _), w in zip(todo, written, strict=True):
-                        self._map(conn, ino, chunk, w.info.id)
                     self.store.record(conn, [w for (ino, _c, _d), w in zip(todo, written,
                                                                           strict=True)
                                              if ino in self.files or ino in info])
-                    for ino, chunk, _ in holes:
-                        self._map(conn, ino, chunk, None)
+                    # In hand-off order, so the last one of a chunk wins; after record(),
+                    # so an extent replaced within this batch is freed, not leaked.
+                    new = {id(t): w.info.id for t, w in zip(todo, written, strict=True)}
+                    gaps = {id(t) for t in holes}
+                    for item in batch:
+                        if id(item) in new or id(item) in gaps:
+                            self._map(conn, item[0], item[1], new.get(id(item)))
             except BaseException:
                 self.store.discard(written)
                 raise
@@ -783,6 +854,7 @@ class Namespace:
                 self._finish(batch, failure, todo)
 
     def _map(self, conn: Connection, ino: int, chunk: int, extent_id: int | None) -> None:
+        self._stored.pop(ino, None)
         old = conn.execute("SELECT extent_id FROM file_extents WHERE ino = ? AND chunk = ?",
                            (ino, chunk)).fetchone()
         if extent_id is None:
@@ -845,7 +917,7 @@ class Namespace:
             return
         if len(name) > 255 or len(value) > 65536:
             raise FsError(errno.ERANGE if len(name) <= 255 else errno.ENAMETOOLONG)
-        with self.meta.write() as conn:
+        with self._change() as conn:
             self._row(conn, ino)
             exists = conn.execute("SELECT 1 FROM xattrs WHERE ino = ? AND name = ?",
                                   (ino, name)).fetchone() is not None
@@ -866,12 +938,12 @@ class Namespace:
     def removexattr(self, ino: int, name: bytes) -> None:
         if name in (POLICY_XATTR, LAYOUT_XATTR):
             if name == POLICY_XATTR:
-                with self.meta.write() as conn:
+                with self._change() as conn:
                     self._row(conn, ino)
                     conn.execute("UPDATE inodes SET policy = NULL WHERE ino = ?", (ino,))
                 return
             raise FsError(errno.EPERM)
-        with self.meta.write() as conn:
+        with self._change() as conn:
             self._row(conn, ino)
             cur = conn.execute("DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name))
             if cur.rowcount == 0:
@@ -890,7 +962,7 @@ class Namespace:
             policy = parse_policy(text.strip("\x00"))
         except PolicyError as exc:
             raise FsError(errno.EINVAL, str(exc)) from None
-        with self.meta.write() as conn:
+        with self._change() as conn:
             self._row(conn, ino)
             conn.execute("UPDATE inodes SET policy = ?, ctime_ns = ? WHERE ino = ?",
                          (str(policy), time.time_ns(), ino))
