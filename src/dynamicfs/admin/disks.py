@@ -8,12 +8,14 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dynamicfs.admin.inspect import files_of_extents
 from dynamicfs.admin.registry import operation
 from dynamicfs.disks import health
 from dynamicfs.disks.directory import DirectoryDisk
-from dynamicfs.disks.label import Label, LabelError, read_label, write_label
+from dynamicfs.disks.label import LABEL_NAME, Label, LabelError, read_label, write_label
 from dynamicfs.engine.pool import DiskInfo, Pool
-from dynamicfs.errors import DiskError
+from dynamicfs.errors import DataAtRiskError, DiskError
+from dynamicfs.redundancy.policy import parse_concrete
 
 DEFAULT_TIER = "default"
 
@@ -66,6 +68,10 @@ def add_disk(pool: Pool, path: Path | str, capacity: int | None = None,
                             "wipe it only if the disk holds nothing you need") from None
     else:
         if label.pool_uuid == pool.config.uuid:
+            if all(d.uuid != label.disk_uuid for d in pool.disks.values()):
+                raise DiskError(f"{root} was a disk of this pool that has been removed; delete "
+                                f"{root / LABEL_NAME} and any 'fragments' directory there to "
+                                "add it again")
             raise DiskError(f"{root} already belongs to this pool (disk {label.disk_uuid})")
         raise DiskError(f"{root} belongs to another pool ({label.pool_uuid}); "
                         "remove it from that pool first")
@@ -114,17 +120,57 @@ def find_disk(pool: Pool, ref: str) -> DiskInfo:
 
 
 @operation("set-disk-health")
-def set_disk_health(pool: Pool, ref: str, state: str, reason: str = "set by operator") -> DiskRow:
+def set_disk_health(pool: Pool, ref: str, state: str, reason: str = "set by operator",
+                    force: bool = False) -> DiskRow:
+    """Set a disk's health state. Failing a disk that the only readable copies of some
+    extents depend on is refused, naming the files, unless `force` (invariant 7)."""
     if state not in health.STATES:
         raise DiskError(f"unknown health state {state!r}; use one of: {', '.join(health.STATES)}")
     disk = find_disk(pool, ref)
-    _set_state(pool, disk, state, reason)
+    if state not in health.READABLE and not force:
+        _refuse_if_needed(pool, disk, state)
+    if (disk.state, disk.reason) != (state, reason):
+        _set_state(pool, disk, state, reason)
     return _row(pool, pool.disks[disk.id])
+
+
+def _refuse_if_needed(pool: Pool, disk: DiskInfo, state: str) -> None:
+    at_stake = extents_needing(pool, disk.id)
+    if not at_stake:
+        return
+    with pool.meta.read() as conn:
+        paths = files_of_extents(conn, at_stake)
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    raise DataAtRiskError(f"making disk {disk.id} ({disk.path}) {state} would leave "
+                          f"{len(at_stake)} extents unreadable; files at stake: {shown}; "
+                          "repair or add disks first, or use --force", paths)
+
+
+def extents_needing(pool: Pool, disk_id: int) -> list[int]:
+    """Extents readable now that would not be without this disk."""
+    readable = ",".join(f"'{s}'" for s in sorted(health.READABLE))
+    with pool.meta.read() as conn:
+        rows = conn.execute(
+            f"SELECT e.id, e.policy, "
+            f"count(DISTINCT CASE WHEN d.state IN ({readable}) THEN f.idx END), "
+            f"count(DISTINCT CASE WHEN d.state IN ({readable}) AND f.disk_id != ? "
+            f"THEN f.idx END) "
+            "FROM extents e JOIN fragments f ON f.extent_id = e.id "
+            "LEFT JOIN disks d ON d.id = f.disk_id "
+            "WHERE e.id IN (SELECT extent_id FROM fragments WHERE disk_id = ?) GROUP BY e.id",
+            (disk_id, disk_id)).fetchall()
+    out = []
+    for extent_id, policy, now, without in rows:
+        k = parse_concrete(policy).k
+        if now >= k > without:
+            out.append(extent_id)
+    return out
 
 
 def _set_state(pool: Pool, disk: DiskInfo, state: str, reason: str) -> None:
     with pool.meta.write() as conn:
-        conn.execute("UPDATE disks SET state = ?, reason = ? WHERE id = ?", (state, reason, disk.id))
+        conn.execute("UPDATE disks SET state = ?, reason = ? WHERE id = ?",
+                     (state, reason, disk.id))
     pool.record_event("disk-health", {"disk": disk.id, "from": disk.state, "to": state,
                                       "reason": reason})
     pool.meta.commit()
@@ -132,8 +178,8 @@ def _set_state(pool: Pool, disk: DiskInfo, state: str, reason: str) -> None:
 
 
 @operation("fail-disk")
-def fail_disk(pool: Pool, ref: str) -> DiskRow:
-    return set_disk_health(pool, ref, health.FAILED, "failed by operator")
+def fail_disk(pool: Pool, ref: str, force: bool = False) -> DiskRow:
+    return set_disk_health(pool, ref, health.FAILED, "failed by operator", force=force)
 
 
 @dataclass
@@ -151,13 +197,22 @@ def probe_disks(pool: Pool) -> list[ProbeRow]:
     out = []
     for disk in sorted(pool.disks.values(), key=lambda d: d.id):
         result = DirectoryDisk(disk.path).probe(pool.config.uuid, disk.uuid)
-        after = disk.state
-        if result.state is not None and result.state != disk.state and disk.state != health.FAILED:
-            after = result.state
-        elif result.state is None and disk.state in (health.FAILED, health.SUSPECT) \
-                and disk.reason.startswith("probe:"):
-            after = health.HEALTHY
+        after = _after_probe(disk, result.state)
         if after != disk.state:
             _set_state(pool, disk, after, f"probe: {result.reason}" if result.state else "")
         out.append(ProbeRow(disk.id, disk.path, disk.state, after, result.reason))
     return out
+
+
+def _after_probe(disk: DiskInfo, found: str | None) -> str:
+    """The state a probe result leads to. Only states a probe set are undone by one."""
+    by_probe = disk.reason.startswith("probe:")
+    if found == health.FAILED:
+        return health.FAILED
+    if found == health.SUSPECT:
+        if disk.state == health.HEALTHY or (disk.state == health.FAILED and by_probe):
+            return health.SUSPECT
+        return disk.state
+    if disk.state in (health.FAILED, health.SUSPECT) and by_probe:
+        return health.HEALTHY
+    return disk.state

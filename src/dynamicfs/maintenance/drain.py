@@ -17,6 +17,7 @@ the result. Nothing here prints or knows about file paths.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 from dynamicfs.disks import health
 from dynamicfs.disks.label import LABEL_NAME
 from dynamicfs.errors import UnreadableError
+from dynamicfs.maintenance.metacopy import METADATA_DIR
 from dynamicfs.placement.placement import Candidate, choose_disks
 from dynamicfs.redundancy.policy import Policy, parse_concrete
 
@@ -306,9 +308,11 @@ def _forget_disk(pool: Pool, disk_id: int, result: DrainResult) -> None:
 def _wipe(root: os.PathLike[str], fragment_root: os.PathLike[str]) -> bool:
     """Remove what DynamicFS left in a directory that is no longer a disk of the pool.
 
-    Every fragment file there is garbage now: no metadata names the disk any more.
-    Returns whether the label is gone (False when the directory cannot be reached).
+    Every fragment file there is garbage now: no metadata names the disk any more, and
+    metadata copies there describe a pool the disk has left. Returns whether the label
+    is gone (False when the directory cannot be reached).
     """
+    shutil.rmtree(os.path.join(root, METADATA_DIR), ignore_errors=True)
     try:
         for sub in os.scandir(fragment_root):
             if sub.is_dir(follow_symlinks=False):
