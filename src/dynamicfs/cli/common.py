@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dynamicfs.admin import registry
+from dynamicfs.admin.audited import run_offline
 from dynamicfs.control import client
 from dynamicfs.engine.pool import Pool, is_pool
 from dynamicfs.errors import PoolBusyError, PoolError
@@ -113,7 +113,7 @@ def run_op(pool_path: str, op: str, args: dict[str, Any] | None = None, *,
                 return client.call(pool_dir, op, args, bar)
             raise
         with pool:
-            return registry.run(pool, op, args, bar)
+            return run_offline(pool, op, args, bar)  # logs to the pool, audits changes
 
 
 def print_json(value: Any) -> None:
