@@ -1,0 +1,200 @@
+"""File data in the namespace: holes store nothing, overwrites replace extents and free
+the old ones once no file refers to them, unlinked open files live until release."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dynamicfs.errors import FsError
+from dynamicfs.namespace.fs import Namespace
+from dynamicfs.namespace.types import POLICY_XATTR, ROOT_INO
+from test_engine_support import KiB, PoolMaker, count, files_on_disks
+
+E = 64 * KiB
+
+
+class Mount:
+    """A namespace over a 6-disk pool with 64 KiB extents; remount() reopens everything."""
+
+    def __init__(self, maker: PoolMaker) -> None:
+        self.maker = maker
+        self.pool = maker(6, extent_size=E)
+        self.ns = Namespace(self.pool, commit_interval=3600)
+        self.ns.setxattr(ROOT_INO, POLICY_XATTR, b"replicate:2")
+
+    def remount(self) -> None:
+        self.ns.close()
+        self.pool = self.maker.reopen(self.pool)
+        self.ns = Namespace(self.pool, commit_interval=3600)
+
+    def create(self, name: bytes, data: bytes = b"", parent: int = ROOT_INO) -> int:
+        """A new file holding `data`, synced, still open."""
+        ino = self.ns.create(parent, name, 0o644, 0, 0).ino
+        if data:
+            self.ns.write(ino, 0, data)
+        self.ns.fsync(ino)
+        return ino
+
+    def chunks(self, ino: int) -> dict[int, int]:
+        with self.pool.meta.read() as conn:
+            return dict(conn.execute("SELECT chunk, extent_id FROM file_extents WHERE ino = ?",
+                                     (ino,)).fetchall())
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Mount]:
+    with PoolMaker(tmp_path) as maker:
+        m = Mount(maker)
+        yield m
+        m.ns.close()
+
+
+def test_holes_read_as_zeros_and_store_nothing(mount: Mount) -> None:
+    ino = mount.create(b"sparse")
+    mount.ns.write(ino, 10 * E + 5, b"x")
+    mount.ns.fsync(ino)
+    assert list(mount.chunks(ino)) == [10]
+    assert mount.ns.read(ino, 0, 10 * E) == bytes(10 * E)
+    assert mount.ns.read(ino, 10 * E, E) == bytes(5) + b"x"
+    mount.ns.setattr(ino, size=100 * E)  # growing adds a hole, not data
+    mount.ns.fsync(ino)
+    attr = mount.ns.getattr(ino)
+    assert attr.size == 100 * E
+    assert attr.blocks * 512 < 4 * KiB
+    assert list(mount.chunks(ino)) == [10]
+    assert mount.ns.read(ino, 99 * E, 2 * E) == bytes(E)
+
+
+def test_a_chunk_overwritten_with_zeros_becomes_a_hole(mount: Mount) -> None:
+    ino = mount.create(b"f", os.urandom(2 * E))
+    mount.ns.write(ino, E, bytes(E))
+    mount.ns.fsync(ino)
+    assert list(mount.chunks(ino)) == [0]
+    assert count(mount.pool, "extents") == 1
+    assert len(files_on_disks(mount.pool)) == 2  # replicate:2 of one extent
+
+
+def test_overwriting_part_of_an_extent_writes_a_new_one_and_frees_the_old(mount: Mount) -> None:
+    data = bytearray(os.urandom(2 * E))
+    ino = mount.create(b"f", bytes(data))
+    before = mount.chunks(ino)
+    mount.ns.write(ino, E + 100, b"new bytes")
+    data[E + 100: E + 109] = b"new bytes"
+    mount.ns.fsync(ino)
+    after = mount.chunks(ino)
+    assert after[0] == before[0] and after[1] != before[1]
+    assert count(mount.pool, "extents") == 2
+    assert len(files_on_disks(mount.pool)) == 4
+    assert mount.ns.read(ino, 0, 3 * E) == bytes(data)
+
+
+def test_hard_links_share_data_until_the_last_name_goes(mount: Mount) -> None:
+    data = bytearray(os.urandom(E + 10))
+    ino = mount.create(b"a", bytes(data))
+    mount.ns.link(ino, ROOT_INO, b"b")
+    assert mount.ns.getattr(ino).nlink == 2
+    mount.ns.write(ino, 0, b"through a")  # one inode: both names see it
+    data[:9] = b"through a"
+    mount.ns.release(ino)
+    mount.ns.sync_all()
+    assert count(mount.pool, "extents") == 2
+    mount.ns.unlink(ROOT_INO, b"a")
+    mount.ns.sync_all()
+    b = mount.ns.lookup(ROOT_INO, b"b")
+    assert (b.ino, b.nlink) == (ino, 1)
+    assert mount.ns.read(ino, 0, 2 * E) == bytes(data)
+    mount.ns.unlink(ROOT_INO, b"b")
+    mount.ns.sync_all()
+    assert count(mount.pool, "extents") == 0
+    assert files_on_disks(mount.pool) == []
+
+
+def test_truncating_frees_the_extents_past_the_new_end(mount: Mount) -> None:
+    data = os.urandom(4 * E)
+    ino = mount.create(b"f", data)
+    first = mount.chunks(ino)[0]
+    mount.ns.setattr(ino, size=E + 10)
+    mount.ns.fsync(ino)
+    assert mount.chunks(ino)[0] == first and sorted(mount.chunks(ino)) == [0, 1]
+    assert count(mount.pool, "extents") == 2
+    assert mount.ns.read(ino, 0, 4 * E) == data[: E + 10]
+    mount.ns.setattr(ino, size=3 * E)
+    assert mount.ns.read(ino, 0, 4 * E) == data[: E + 10] + bytes(2 * E - 10)
+
+
+def test_an_unlinked_open_file_stays_readable_until_release(mount: Mount) -> None:
+    data = os.urandom(E + 3)
+    ino = mount.create(b"f", data)
+    mount.ns.unlink(ROOT_INO, b"f")
+    with pytest.raises(FsError) as failure:
+        mount.ns.lookup(ROOT_INO, b"f")
+    assert failure.value.errno == errno.ENOENT
+    mount.ns.write(ino, len(data), b"more")
+    assert mount.ns.read(ino, 0, 2 * E) == data + b"more"
+    mount.ns.fsync(ino)
+    mount.ns.release(ino)
+    with pytest.raises(FsError):
+        mount.ns.getattr(ino)
+    mount.ns.sync_all()
+    assert count(mount.pool, "extents") == 0
+    assert files_on_disks(mount.pool) == []
+
+
+def test_an_unlinked_file_left_open_at_unmount_is_removed_at_the_next_mount(
+        mount: Mount) -> None:
+    ino = mount.create(b"f", os.urandom(E))
+    mount.ns.unlink(ROOT_INO, b"f")
+    mount.remount()  # the handle was never released
+    with pytest.raises(FsError):
+        mount.ns.getattr(ino)
+    assert count(mount.pool, "extents") == 0
+
+
+def _queue_behind_a_busy_flusher(mount: Mount, writes: list[tuple[int, bytes]]) -> int:
+    """Hand off several full chunks while the flusher waits for the metadata lock, so
+    that they reach it as one batch."""
+    other = mount.create(b"other")
+    ino = mount.create(b"f")
+    with mount.ns.lock:
+        mount.ns.write(other, 0, os.urandom(E))  # the flusher takes this and blocks
+        for offset, data in writes:
+            mount.ns.write(ino, offset, data)
+    mount.ns.fsync(ino)
+    return ino
+
+
+def test_the_last_write_of_a_chunk_wins_within_one_flush(mount: Mount) -> None:
+    final = os.urandom(E)
+    ino = _queue_behind_a_busy_flusher(mount, [(0, os.urandom(E)), (0, bytes(E)), (0, final)])
+    assert mount.ns.read(ino, 0, E) == final
+    mount.remount()
+    assert mount.ns.read(ino, 0, E) == final
+
+
+def test_a_chunk_written_twice_within_one_flush_leaves_no_extent_behind(mount: Mount) -> None:
+    ino = _queue_behind_a_busy_flusher(mount, [(0, os.urandom(E)), (0, os.urandom(E))])
+    mount.ns.sync_all()
+    assert count(mount.pool, "extents") == 2  # this file's chunk and the other file's
+    assert list(mount.chunks(ino)) == [0]
+    assert len(files_on_disks(mount.pool)) == 4
+
+
+def test_writes_across_extent_boundaries_read_back(mount: Mount) -> None:
+    rng = random.Random(1)
+    data = bytearray(rng.randbytes(5 * E))
+    ino = mount.create(b"f", bytes(data))
+    for offset in (E - 1, 2 * E - 3, 3 * E, 4 * E + 1):
+        piece = rng.randbytes(E + 7)
+        mount.ns.write(ino, offset, piece)
+        data[offset: offset + len(piece)] = piece
+    assert mount.ns.read(ino, 0, 6 * E) == bytes(data)
+    mount.ns.release(ino)
+    mount.remount()
+    assert mount.ns.read(ino, 0, 6 * E) == bytes(data)
+    assert mount.ns.getattr(ino).size == len(data)
