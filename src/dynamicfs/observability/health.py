@@ -35,6 +35,7 @@ from dynamicfs.disks.health import COUNTS_FOR_REDUNDANCY, HEALTHY, READABLE
 
 if TYPE_CHECKING:
     from dynamicfs.engine.pool import Pool
+    from dynamicfs.meta.store import MetaStore
 
 HEALTHY_STATUS = "healthy"
 DEGRADED = "degraded"
@@ -48,10 +49,13 @@ METADATA_DIR = "metadata"
 
 # -- a read-only connection per pool ----------------------------------------------------
 class Reader:
-    """A read-only SQLite connection to a pool's metadata, shared under its own lock."""
+    """Queries on a pool's metadata: heavy ones on a read-only connection of their own
+    (shared under its own lock; they see the last committed state), small ones through
+    the pool's connection (`live`: they also see changes not yet committed)."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True,
+    def __init__(self, meta: MetaStore) -> None:
+        self.meta = meta
+        self.conn = sqlite3.connect(f"file:{meta.path}?mode=ro", uri=True,
                                     check_same_thread=False)
         self.lock = threading.Lock()
 
@@ -59,9 +63,13 @@ class Reader:
         with self.lock:
             return self.conn.execute(sql, tuple(params)).fetchall()
 
+    def live(self, sql: str, params: Iterable[object] = ()) -> list[tuple[Any, ...]]:
+        with self.meta.read() as conn:
+            return conn.execute(sql, tuple(params)).fetchall()
+
     def tables(self) -> set[str]:
-        return {str(r[0]) for r in self.query("SELECT name FROM sqlite_master "
-                                             "WHERE type = 'table'")}
+        return {str(r[0]) for r in self.live("SELECT name FROM sqlite_master "
+                                            "WHERE type = 'table'")}
 
 
 _readers: weakref.WeakKeyDictionary[Pool, Reader] = weakref.WeakKeyDictionary()
@@ -72,7 +80,7 @@ def reader(pool: Pool) -> Reader:
     with _readers_lock:
         found = _readers.get(pool)
         if found is None:
-            found = _readers[pool] = Reader(pool.meta.path)
+            found = _readers[pool] = Reader(pool.meta)
         return found
 
 
@@ -217,7 +225,7 @@ def manual_scrub(db: Reader, tables: set[str]) -> ScrubSummary | None:
     """The last `dynamicfs scrub` (the scrub_state row), if the pool was ever scrubbed."""
     if "scrub_state" not in tables:
         return None
-    rows = db.query("SELECT started, position, finished, checked, under_redundant, repaired, "
+    rows = db.live("SELECT started, position, finished, checked, under_redundant, repaired, "
                     "unreadable, fragment_bytes, elapsed FROM scrub_state WHERE id = 1")
     if not rows:
         return None
@@ -233,7 +241,7 @@ def background_scrub(db: Reader, tables: set[str]) -> ScrubSummary | None:
     """The background scrub's cursor and passes (see maintenance/background.py)."""
     if "background_scrub" not in tables:
         return None
-    rows = db.query("SELECT mode, intensity, position, pass_started, pass_checked, pass_bytes, "
+    rows = db.live("SELECT mode, intensity, position, pass_started, pass_checked, pass_bytes, "
                     "pass_problems, pass_repaired, last_pass_started, last_pass_finished, "
                     "last_pass_checked, last_pass_problems, passes FROM background_scrub "
                     "WHERE id = 1")
@@ -257,7 +265,7 @@ def scrub_findings(db: Reader, tables: set[str]) -> dict[str, list[int]]:
     """Extents the last scrub found in trouble and that still exist, by state."""
     if "scrub_problems" not in tables:
         return {}
-    rows = db.query("SELECT p.extent_id, p.state FROM scrub_problems p "
+    rows = db.live("SELECT p.extent_id, p.state FROM scrub_problems p "
                     "JOIN extents e ON e.id = p.extent_id ORDER BY p.extent_id")
     out: dict[str, list[int]] = {}
     for extent_id, state in rows:
@@ -300,7 +308,7 @@ def metadata_copies(pool: Pool, db: Reader, tables: set[str]
     """The generation recorded in metadata_copies, and the copies each disk holds."""
     recorded = None
     if "metadata_copies" in tables:
-        rows = db.query("SELECT generation, copied, disks FROM metadata_copies WHERE id = 1")
+        rows = db.live("SELECT generation, copied, disks FROM metadata_copies WHERE id = 1")
         if rows:
             recorded = {"generation": rows[0][0], "copied": rows[0][1], "disks": rows[0][2]}
     copies = []
@@ -362,7 +370,7 @@ def disk_health(pool: Pool) -> list[DiskHealth]:
 
 def repair_backlog(pool: Pool, db: Reader) -> int:
     """Extents waiting for repair: the repair queue and those the daemon noticed since."""
-    queued = {int(r[0]) for r in db.query("SELECT extent_id FROM repair_queue")}
+    queued = {int(r[0]) for r in db.live("SELECT extent_id FROM repair_queue")}
     return len(queued | set(pool.store.repair_wanted))
 
 

@@ -3,8 +3,8 @@
 Two kinds of metrics, one registry per process (`REGISTRY`, never prometheus_client's
 global one):
 - process-wide instruments updated as things happen: the FUSE request latency
-  histogram `dynamicfs_fuse_op_seconds{op}` (the adapter calls `observe_fuse`, or wraps
-  its handlers in `timed_fuse`) and `dynamicfs_fuse_op_errors_total{op,errno}`;
+  histogram `dynamicfs_fuse_op_seconds{op}` (the adapter calls `observe_fuse` for every
+  request) and `dynamicfs_fuse_op_errors_total{op,errno}` (it counts failed requests);
 - a collector over an open pool (`PoolCollector`), read at scrape time from the pool's
   live counters and its metadata: per-disk bytes and operations, error counters,
   capacity, use and state; extents by state; repairs and rebuilds; the repair queue;
@@ -21,8 +21,6 @@ to compute, so that scraping a large pool often costs at most a tenth of a core.
 
 from __future__ import annotations
 
-import errno as errno_mod
-import functools
 import http.server
 import ipaddress
 import json
@@ -30,9 +28,9 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, is_dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -48,7 +46,6 @@ from dynamicfs.observability.log import debug, error
 if TYPE_CHECKING:
     from dynamicfs.engine.pool import Pool
 
-T = TypeVar("T")
 
 # From 50 µs (a cached getattr) to 10 s (a read that waits on a failing disk).
 FUSE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -83,26 +80,6 @@ def observe_fuse(op: str, seconds: float) -> None:
 def last_fuse_request() -> float:
     """time.monotonic() of the last FUSE request answered (0.0 if none yet)."""
     return _last_fuse[0]
-
-
-def timed_fuse(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Wrap an async FUSE handler: its latency and errors go to the metrics, by name."""
-    op = handler.__name__
-
-    @functools.wraps(handler)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
-        start = time.perf_counter()
-        try:
-            return await handler(*args, **kwargs)
-        except Exception as exc:
-            code = getattr(exc, "errno", None)
-            name = errno_mod.errorcode.get(code, str(code)) if isinstance(code, int) else "none"
-            FUSE_OP_ERRORS.labels(op, name).inc()
-            raise
-        finally:
-            observe_fuse(op, time.perf_counter() - start)
-
-    return wrapper
 
 
 # -- the pool -------------------------------------------------------------------------------
@@ -143,7 +120,7 @@ class PoolCollector(Collector):
             "extents": health.count_extents(pool, db),
             "fragments": fragments,
             "inodes": int(db.query("SELECT count(*) FROM inodes")[0][0]),
-            "repair_queue": int(db.query("SELECT count(*) FROM repair_queue")[0][0]),
+            "repair_queue": int(db.live("SELECT count(*) FROM repair_queue")[0][0]),
             "scrubs": [s for s in (health.manual_scrub(db, tables),
                                    health.background_scrub(db, tables)) if s is not None],
             "findings": health.scrub_findings(db, tables),
