@@ -3,6 +3,14 @@
 One thread accepts connections; each connection gets a thread that reads one request,
 runs the operation through the admin registry (so its effect is visible in the mount
 at once) and streams progress and the result back. The socket is owner-only (0600).
+
+Every request is run by admin.audited.run_audited with the peer's credentials (uid,
+pid, from SO_PEERCRED), so operations that change the pool leave an audit record
+naming who asked. Operations that change the pool run one at a time.
+
+The server also owns the daemon's background work that admin operations steer: the
+background scrub (maintenance/background.py) starts with the server and stops with
+it, before the pool is closed.
 """
 
 from __future__ import annotations
@@ -15,14 +23,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dynamicfs.admin import registry
+from dynamicfs.admin.audited import run_audited
 from dynamicfs.control.protocol import SOCKET_NAME, lines, send
 from dynamicfs.engine.pool import Pool
 from dynamicfs.errors import DynamicFSError
-from dynamicfs.observability.log import error, log
+from dynamicfs.maintenance.background import BackgroundScrub
+from dynamicfs.observability.audit import peer_actor
+from dynamicfs.observability.log import debug, error
+
+# Read-only monitoring operations run without `before_op` (which flushes every open
+# file): a scrape every few seconds must not cut files being written into small extents.
+NO_FLUSH = frozenset({"metrics", "health", "scrub-daemon-status"})
 
 
 class ControlServer:
-    def __init__(self, pool: Pool, before_op: Callable[[str], None] | None = None) -> None:
+    def __init__(self, pool: Pool, before_op: Callable[[str], None] | None = None, *,
+                 background: bool = True) -> None:
         self.pool = pool
         self.path = Path(pool.path) / SOCKET_NAME
         self.before_op = before_op
@@ -30,6 +46,7 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._op_lock = threading.Lock()
+        self.scrubber = BackgroundScrub(pool) if background else None
 
     def start(self) -> None:
         if self.path.exists() or self.path.is_symlink():
@@ -46,9 +63,13 @@ class ControlServer:
         self._thread = threading.Thread(target=self._accept_loop, name="dynamicfs-control",
                                         daemon=True)
         self._thread.start()
+        if self.scrubber is not None:
+            self.scrubber.start()
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.scrubber is not None:
+            self.scrubber.stop()
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -78,6 +99,7 @@ class ControlServer:
                 return
             name = str(request.get("op", ""))
             args = request.get("args") or {}
+            actor = peer_actor(conn)
 
             def progress(done: int, total: int, message: str) -> None:
                 try:
@@ -87,15 +109,15 @@ class ControlServer:
 
             try:
                 op = registry.get(name)
-                if self.before_op is not None:
+                if self.before_op is not None and name not in NO_FLUSH:
                     self.before_op(name)
-                # Admin operations that change the pool run one at a time.
                 if op.writes:
                     with self._op_lock:
-                        result = registry.run(self.pool, name, args, progress)
+                        result = run_audited(self.pool, name, args, actor, progress)
+                        self.pool.meta.commit()  # the change and its audit record, durable
                 else:
-                    result = registry.run(self.pool, name, args, progress)
-                log("admin operation", op=name, args=args, via="control")
+                    result = run_audited(self.pool, name, args, actor, progress)
+                debug("admin operation", op=name, uid=actor.uid, via="control")
                 send(conn, {"result": result})
             except DynamicFSError as exc:
                 send(conn, {"error": str(exc), "exit_code": exc.exit_code})
