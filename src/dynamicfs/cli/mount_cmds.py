@@ -6,6 +6,7 @@ import click
 
 from dynamicfs.cli.common import flexible
 from dynamicfs.fuse import daemon
+from dynamicfs.observability.log import LEVELS
 
 
 def register(cli: click.Group) -> None:
@@ -15,16 +16,21 @@ def register(cli: click.Group) -> None:
                   help="stay in the foreground and log to stderr too (stop with Ctrl-C)")
     @click.option("-o", "options", multiple=True, metavar="OPTIONS",
                   help="comma-separated mount options: ro, allow_other, nonempty (mount over "
-                       "a non-empty directory), log_level=LEVEL, and other FUSE options")
-    @click.option("--log-level", type=click.Choice(daemon.LOG_LEVELS, case_sensitive=False),
+                       "a non-empty directory), log_level=LEVEL, metrics_address=HOST:PORT, "
+                       "and other FUSE options")
+    @click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False),
                   help="what goes to POOL/logs/dynamicfs.log (default: info)")
+    @click.option("--metrics-address", metavar="HOST:PORT",
+                  help="serve Prometheus /metrics and /health there while mounted")
     def mount(pool: str, mountpoint: str, foreground: bool, options: tuple[str, ...],
-              log_level: str | None) -> None:
+              log_level: str | None, metrics_address: str | None) -> None:
         """Mount POOL at MOUNTPOINT, an empty directory.
 
         Returns once the filesystem is ready; the mount daemon keeps running in the
         background until 'dynamicfs unmount MOUNTPOINT'.
         """
+        if metrics_address:
+            options = (*options, f"metrics_address={metrics_address}")
         code = mount_pool(pool, mountpoint, options, foreground=foreground, log_level=log_level)
         if code:
             raise click.exceptions.Exit(code)

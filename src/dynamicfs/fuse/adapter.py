@@ -12,6 +12,7 @@ import errno
 import functools
 import os
 import stat
+import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -23,6 +24,7 @@ from dynamicfs.errors import DynamicFSError
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.namespace.types import Attr
 from dynamicfs.observability.log import error
+from dynamicfs.observability.metrics import FUSE_OP_ERRORS, observe_fuse
 
 # Attributes and entries the kernel may cache without asking again. Everything that
 # changes them goes through this mount, so the kernel invalidates what it changes itself;
@@ -31,33 +33,46 @@ CACHE_TIMEOUT = 1.0
 # Large st_blksize makes cp, dd and friends use large buffers: one FUSE request per MiB.
 BLOCK_SIZE = 1024 * 1024
 READDIR_BATCH = 64
+# POSIX ACLs are not supported (enable_acl is off). Refusing to store them makes cp -a,
+# tar and rsync fall back to chmod; stored as plain xattrs they would leave modes stale.
+ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"})
 
 T = TypeVar("T")
 P = ParamSpec("P")
 
 
-def _fuse_errors(handler: Callable[P, Coroutine[Any, Any, T]]
-                 ) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn whatever a handler raises into the FUSEError pyfuse3 accepts.
+def _handler(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Time a request handler for the metrics and turn whatever it raises into FUSEError.
 
     pyfuse3 ends its main loop on any other exception, which would hang the mount, so a
     bug becomes EIO and a log entry instead.
     """
+    op = handler.__name__
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        start = time.perf_counter()
+        code = 0
         try:
             return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            code = exc.errno
             raise
         except OSError as exc:  # FsError and its subclasses, and real I/O errors
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            code = exc.errno or errno.EIO
+            raise pyfuse3.FUSEError(code) from None
         except DynamicFSError as exc:
-            error("request failed", op=handler.__name__, reason=str(exc))
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            code = errno.EIO
+            error("request failed", op=op, reason=str(exc))
+            raise pyfuse3.FUSEError(code) from None
         except Exception:
-            error("request crashed", op=handler.__name__, trace=traceback.format_exc())
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            code = errno.EIO
+            error("request crashed", op=op, trace=traceback.format_exc())
+            raise pyfuse3.FUSEError(code) from None
+        finally:
+            observe_fuse(op, time.perf_counter() - start)
+            if code:
+                FUSE_OP_ERRORS.labels(op, errno.errorcode.get(code, str(code))).inc()
 
     return wrapper
 
@@ -74,7 +89,7 @@ class Operations(pyfuse3.Operations):
       except the namespace itself, so handlers need no locks of their own.
     - `pyfuse3.readdir_reply` must be called from the event-loop thread: readdir
       fetches a batch of entries in a worker thread and replies from the loop.
-    - Handlers raise only FUSEError (see `_fuse_errors`).
+    - Handlers raise only FUSEError, and each is timed for the metrics (`_handler`).
 
     Meaning of the values handed to the kernel:
     - inode numbers are namespace inode numbers (the root is 1); generation is 0
@@ -89,7 +104,8 @@ class Operations(pyfuse3.Operations):
       unlinked inode exactly as long as it is open, and the kernel never needs an
       unopened, unlinked inode again.
     Permissions are checked by the kernel (mount option default_permissions), so
-    access() always allows.
+    access() always allows. POSIX ACLs are not supported: setting one fails with
+    EOPNOTSUPP, which tools take as "use the mode bits".
     """
 
     supports_dot_lookup = True
@@ -124,16 +140,16 @@ class Operations(pyfuse3.Operations):
         return entry
 
     # ------------------------------------------------------------------ names
-    @_fuse_errors
+    @_handler
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(await self._run(self.ns.lookup, parent_inode, name))
 
-    @_fuse_errors
+    @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(await self._run(self.ns.getattr, inode))
 
-    @_fuse_errors
+    @_handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -148,49 +164,49 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
         return self._entry(changed)
 
-    @_fuse_errors
+    @_handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(await self._run(self.ns.mknod, parent_inode, name, mode, rdev,
                                            ctx.uid, ctx.gid))
 
-    @_fuse_errors
+    @_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(await self._run(self.ns.mkdir, parent_inode, name, mode,
                                            ctx.uid, ctx.gid))
 
-    @_fuse_errors
+    @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         attr = await self._run(self.ns.create, parent_inode, name, mode, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=attr.ino, keep_cache=True), self._entry(attr)
 
-    @_fuse_errors
+    @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(await self._run(self.ns.symlink, parent_inode, name, target,
                                            ctx.uid, ctx.gid))
 
-    @_fuse_errors
+    @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return await self._run(self.ns.readlink, inode)
 
-    @_fuse_errors
+    @_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(await self._run(self.ns.link, inode, new_parent_inode, new_name))
 
-    @_fuse_errors
+    @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._run(self.ns.unlink, parent_inode, name)
 
-    @_fuse_errors
+    @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._run(self.ns.rmdir, parent_inode, name)
 
-    @_fuse_errors
+    @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         # pyfuse3's RENAME_NOREPLACE/RENAME_EXCHANGE (1, 2) are the namespace's values.
@@ -204,7 +220,7 @@ class Operations(pyfuse3.Operations):
         return True
 
     # ------------------------------------------------------------------ files
-    @_fuse_errors
+    @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         await self._run(self.ns.open, inode)
         if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
@@ -218,27 +234,27 @@ class Operations(pyfuse3.Operations):
         # file passes through this mount), so mmap and re-reads are served by the kernel.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    @_fuse_errors
+    @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self._run(self.ns.read, fh, off, size)
 
-    @_fuse_errors
+    @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self._run(self.ns.write, fh, off, buf)
 
-    @_fuse_errors
+    @_handler
     async def flush(self, fh: int) -> None:
         await self._run(self.ns.flush, fh)
 
-    @_fuse_errors
+    @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._run(self.ns.fsync, fh, datasync)
 
-    @_fuse_errors
+    @_handler
     async def release(self, fh: int) -> None:
         await self._run(self.ns.release, fh)
 
-    @_fuse_errors
+    @_handler
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         # pyfuse3 3.5 does not dispatch FUSE_FALLOCATE (the kernel answers EOPNOTSUPP and
         # glibc's posix_fallocate writes zeros instead); kept for when it does.
@@ -247,14 +263,14 @@ class Operations(pyfuse3.Operations):
         await self._run(self.ns.fallocate, fh, offset, length)
 
     # ------------------------------------------------------------------ directories
-    @_fuse_errors
+    @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         attr = await self._run(self.ns.getattr, inode)
         if not stat.S_ISDIR(attr.mode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
-    @_fuse_errors
+    @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         offset = start_id
         while True:
@@ -271,30 +287,32 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         pass
 
-    @_fuse_errors
+    @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await self._run(self.ns.fsync, fh, datasync)
 
     # ------------------------------------------------------------------ xattrs
-    @_fuse_errors
+    @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         return await self._run(self.ns.getxattr, inode, name)
 
-    @_fuse_errors
+    @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        if name in ACL_XATTRS:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         await self._run(self.ns.setxattr, inode, name, value)
 
-    @_fuse_errors
+    @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         return await self._run(self.ns.listxattr, inode)
 
-    @_fuse_errors
+    @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._run(self.ns.removexattr, inode, name)
 
     # ------------------------------------------------------------------ filesystem
-    @_fuse_errors
+    @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         stats = await self._run(self.ns.statfs)
         out = pyfuse3.StatvfsData()

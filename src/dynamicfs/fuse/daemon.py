@@ -48,18 +48,15 @@ from dynamicfs.errors import DynamicFSError, PoolBusyError, PoolError
 from dynamicfs.fuse.adapter import Operations
 from dynamicfs.meta.store import DB_NAME
 from dynamicfs.namespace.fs import Namespace
-from dynamicfs.observability import log as logmod
-from dynamicfs.observability.log import error, log
+from dynamicfs.observability.log import LEVELS, LOG_DIR, configure_for_pool, error, log
+from dynamicfs.observability.metrics import parse_address, start_metrics_server
 
 PID_FILE = "mount.pid"
-LOG_DIR = "logs"
-LOG_FILE = "dynamicfs.log"
 DAEMON_OUT = "daemon.out"
 FSTYPE = "fuse.dynamicfs"
 READ_AHEAD_KB = 1024
 START_TIMEOUT = 120.0
 EXIT_TIMEOUT = 600.0
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Options that mean something to mount(8) or fstab only; they never reach libfuse.
 _FSTAB_ONLY = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser", "owner",
@@ -80,6 +77,7 @@ class MountOptions:
     fuse: list[str] = field(default_factory=list)
     nonempty: bool = False
     log_level: str | None = None
+    metrics_address: str | None = None
 
 
 def parse_options(groups: Iterable[str]) -> MountOptions:
@@ -93,6 +91,9 @@ def parse_options(groups: Iterable[str]) -> MountOptions:
                 out.nonempty = True
             elif opt.startswith("log_level="):
                 out.log_level = _log_level(opt.partition("=")[2])
+            elif opt.startswith("metrics_address="):
+                out.metrics_address = opt.partition("=")[2]
+                parse_address(out.metrics_address)  # refuse a malformed one before mounting
             elif opt.startswith(_RESERVED_PREFIXES):
                 raise MountError(f"mount option {opt!r} is set by DynamicFS itself; leave it out")
             elif not opt.isascii():
@@ -103,8 +104,8 @@ def parse_options(groups: Iterable[str]) -> MountOptions:
 
 
 def _log_level(text: str) -> str:
-    if text.lower() not in LOG_LEVELS:
-        raise MountError(f"unknown log level {text!r}; use one of {', '.join(LOG_LEVELS)}")
+    if text.lower() not in LEVELS:
+        raise MountError(f"unknown log level {text!r}; use one of {', '.join(LEVELS)}")
     return text.lower()
 
 
@@ -304,7 +305,7 @@ def serve(pool: Path, mountpoint: Path, options: MountOptions, *, foreground: bo
     filesystem answers requests.
     """
     pool_dir, mnt = Path(pool).absolute(), Path(mountpoint).absolute()
-    logmod.configure(options.log_level, pool_dir / LOG_DIR / LOG_FILE, stderr=foreground)
+    configure_for_pool(pool_dir, options.log_level, stderr=foreground)
     _share_log_with_pyfuse3()
     # Until the event loop listens for them, SIGTERM/SIGINT wait (threads started from
     # here on inherit the mask): a signal during start-up must not leave a dead mount.
@@ -316,13 +317,18 @@ def serve(pool: Path, mountpoint: Path, options: MountOptions, *, foreground: bo
             opts = fuse_options(pool_dir, options)
             _mount_fuse(Operations(namespace), mnt, opts)
             control = ControlServer(pool_obj, before_op=lambda name: namespace.sync_all())
+            stop_metrics: Callable[[], None] | None = None
             try:
                 _write_mount_files(pool_dir, mnt, opts)
                 control.start()
+                if options.metrics_address:
+                    stop_metrics = start_metrics_server(pool_obj, options.metrics_address)
                 log("mounted", pool=str(pool_dir), mountpoint=str(mnt), options=sorted(opts),
                     pid=os.getpid())
                 trio.run(_serve_fuse, mnt, ready)
             finally:
+                if stop_metrics is not None:
+                    stop_metrics()
                 control.stop()
                 pyfuse3.close(unmount=True)
                 log("unmounted", mountpoint=str(mnt))
@@ -361,6 +367,8 @@ def start_detached(pool: Path, mountpoint: Path, options: MountOptions,
     cmd = [sys.executable, "-m", "dynamicfs.fuse.daemon", "--ready-fd", str(write_end)]
     if options.log_level:
         cmd += ["--log-level", options.log_level]
+    if options.metrics_address:
+        cmd += ["-o", f"metrics_address={options.metrics_address}"]
     if options.nonempty:
         cmd += ["-o", "nonempty"]
     for opt in options.fuse:

@@ -1,0 +1,308 @@
+"""POSIX behaviour through a real mount: copying trees with real programs, random I/O
+checked against a model file, concurrency, big offsets, mmap, renameat2."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import multiprocessing
+import os
+import random
+import stat
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fusehelpers import Mount, diff_r, have, mounted_pool, snapshot
+
+pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    from conftest import fuse_missing_reason
+
+    reason = fuse_missing_reason()
+    if reason is not None:
+        pytest.skip(f"FUSE unavailable: {reason}")
+    with mounted_pool(tmp_path_factory.mktemp("posix")) as m:
+        yield m
+
+
+@pytest.fixture
+def work(fs: Mount, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory in the mount for one test."""
+    path = fs.mnt / request.node.name
+    path.mkdir()
+    return path
+
+
+def build_tree(root: Path, seed: int = 1) -> None:
+    """A small tree with every kind of thing cp -a, tar and rsync -aHX must keep."""
+    rng = random.Random(seed)
+    root.mkdir()
+    nested = root / "dir one" / "nested" / "deeper"
+    nested.mkdir(parents=True)
+    files = {
+        "empty": b"",
+        "small.txt": b"hello\n",
+        "odd": rng.randbytes(4095),
+        "one-extent": rng.randbytes(MiB),
+        "big.bin": rng.randbytes(3 * MiB + 17),
+        "dir one/ünïcode-名前": b"unicode\n",
+        "dir one/nested/deeper/file": rng.randbytes(70_000),
+        "zeros": bytes(2 * MiB),
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / "private").write_bytes(b"secret")
+    (root / "private").chmod(0o600)
+    (root / "tool").write_bytes(b"#!/bin/sh\necho hi\n")
+    (root / "tool").chmod(0o755)
+    (root / "closed").mkdir(mode=0o700)
+    (root / "closed" / "inside").write_bytes(b"in")
+    (root / "shared").mkdir()
+    (root / "shared").chmod(0o2775)
+    os.symlink("small.txt", root / "link-rel")
+    os.symlink("nowhere/at/all", root / "link-dangling")
+    os.symlink("../big.bin", root / "dir one" / "link-up")
+    os.link(root / "small.txt", root / "dir one" / "hard")
+    os.link(root / "big.bin", root / "dir one" / "nested" / "hard-big")
+    os.mkfifo(root / "fifo")
+    os.setxattr(root / "small.txt", "user.color", b"blue")
+    os.setxattr(root / "dir one", "user.note", b"a directory\x00with a nul")
+    os.setxattr(root / "big.bin", "user.empty", b"")
+    for i, path in enumerate(sorted(root.rglob("*"), key=lambda p: -len(p.parts))):
+        if not path.is_symlink():
+            os.utime(path, ns=(1_600_000_000_000_000_000 + i, 1_500_000_000_123_456_789 + i * 7))
+
+
+def test_cp_a_tree_in_and_out_is_identical(fs: Mount, work: Path, tmp_path: Path) -> None:
+    src, back = tmp_path / "src", tmp_path / "back"
+    build_tree(src)
+    subprocess.run(["cp", "-a", str(src), str(work / "copy")], check=True)
+    subprocess.run(["cp", "-a", str(work / "copy"), str(back)], check=True)
+    diff_r(src, work / "copy")
+    diff_r(src, back)
+    assert snapshot(work / "copy") == snapshot(src)
+    assert snapshot(back) == snapshot(src)
+
+
+def test_tar_extraction_matches_a_local_extraction(work: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    build_tree(src, seed=2)
+    tarball = tmp_path / "t.tar"
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(src, arcname="t")
+    local = tmp_path / "local"
+    local.mkdir()
+    for where in (local, work):
+        subprocess.run(["tar", "-xpf", str(tarball), "--xattrs", "--xattrs-include=user.*",
+                        "-C", str(where)], check=True)
+    diff_r(local / "t", work / "t")
+    assert snapshot(work / "t") == snapshot(local / "t")
+
+
+@pytest.mark.skipif(not have("rsync"), reason="rsync is not installed (./scripts/setup)")
+def test_rsync_aHX_round_trip_and_nothing_left_to_do(work: Path, tmp_path: Path) -> None:
+    src, back = tmp_path / "src", tmp_path / "back"
+    build_tree(src, seed=3)
+    subprocess.run(["rsync", "-aHX", f"{src}/", f"{work}/r/"], check=True)
+    subprocess.run(["rsync", "-aHX", f"{work}/r/", f"{back}/"], check=True)
+    assert snapshot(work / "r") == snapshot(src)
+    assert snapshot(back) == snapshot(src)
+    again = subprocess.run(["rsync", "-aHXi", "--dry-run", f"{src}/", f"{work}/r/"],
+                           check=True, capture_output=True, text=True)
+    changed = [line for line in again.stdout.splitlines() if not line.startswith(".d")]
+    assert changed == [], "rsync sees differences after a full copy"
+
+
+def test_random_writes_reads_and_truncates_match_a_model_file(work: Path,
+                                                              tmp_path: Path) -> None:
+    rng = random.Random(20240601)
+    path, model_path = work / "random.bin", tmp_path / "model.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    model = os.open(model_path, os.O_RDWR | os.O_CREAT, 0o644)
+    limit = 5 * MiB
+    try:
+        for step in range(2000):
+            op = rng.random()
+            size = os.fstat(model).st_size
+            if op < 0.45:
+                off = rng.randrange(limit)
+                data = rng.randbytes(rng.choice([1, 17, 4096, rng.randrange(1, 300_000)]))
+                assert os.pwrite(fd, data, off) == len(data)
+                os.pwrite(model, data, off)
+            elif op < 0.85:
+                off = rng.randrange(size + 4096)
+                n = rng.randrange(1, 400_000)
+                assert os.pread(fd, n, off) == os.pread(model, n, off), f"step {step}"
+            elif op < 0.95:
+                new = rng.choice([0, rng.randrange(limit), rng.randrange(size + 1)])
+                os.ftruncate(fd, new)
+                os.ftruncate(model, new)
+            elif op < 0.98:
+                os.fsync(fd)
+            else:  # close and reopen: hands buffered data to the flusher
+                os.close(fd)
+                fd = os.open(path, os.O_RDWR)
+            assert os.fstat(fd).st_size == os.fstat(model).st_size, f"step {step}"
+    finally:
+        os.close(fd)
+        os.close(model)
+    assert path.read_bytes() == model_path.read_bytes()
+
+
+def _writer(args: tuple[str, int]) -> None:
+    shared, n = args
+    rng = random.Random(n)
+    own = f"{shared}.{n}"
+    blocks = list(range(16))
+    rng.shuffle(blocks)
+    fd_own = os.open(own, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd_shared = os.open(shared, os.O_WRONLY)
+    for b in blocks:
+        os.pwrite(fd_own, bytes([n + 1]) * 128 * 1024, b * 128 * 1024)
+        # Each writer owns every 4th 64 KiB slot of the shared file.
+        os.pwrite(fd_shared, bytes([n + 1]) * 64 * 1024, (b * 4 + n) * 64 * 1024)
+    os.fsync(fd_own)
+    os.close(fd_own)
+    os.close(fd_shared)
+
+
+def test_concurrent_writers_in_separate_processes(work: Path) -> None:
+    shared = work / "shared.bin"
+    shared.write_bytes(b"")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(4) as procs:
+        procs.map(_writer, [(str(shared), n) for n in range(4)])
+    for n in range(4):
+        assert Path(f"{shared}.{n}").read_bytes() == bytes([n + 1]) * 16 * 128 * 1024
+    data = shared.read_bytes()
+    assert len(data) == 64 * 64 * 1024
+    for slot in range(64):
+        assert data[slot * 65536:(slot + 1) * 65536] == bytes([slot % 4 + 1]) * 65536, slot
+
+
+def test_unlinked_but_open_file_stays_readable(work: Path) -> None:
+    payload = random.Random(5).randbytes(3 * MiB + 5)
+    path = work / "doomed"
+    path.write_bytes(payload)
+    with open(path, "r+b") as f:
+        path.unlink()
+        assert not path.exists()
+        assert os.fstat(f.fileno()).st_nlink == 0
+        assert f.read() == payload
+        f.seek(MiB)
+        f.write(b"still writable")
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(MiB)
+        assert f.read(14) == b"still writable"
+    assert "doomed" not in os.listdir(work)
+
+
+def test_offsets_past_4_GiB_are_sparse(work: Path) -> None:
+    path = work / "sparse"
+    with open(path, "wb") as f:
+        os.pwrite(f.fileno(), b"x" * 4096, 5 * GiB)
+        os.pwrite(f.fileno(), b"across", 4 * GiB - 3)
+    st = path.stat()
+    assert st.st_size == 5 * GiB + 4096
+    assert st.st_blocks * 512 < 4 * MiB, "holes must not be stored"
+    with open(path, "rb") as f:
+        assert os.pread(f.fileno(), 4096, 5 * GiB) == b"x" * 4096
+        assert os.pread(f.fileno(), 8, 4 * GiB - 4) == b"\0across\0"
+        assert os.pread(f.fileno(), 1000, 3 * GiB) == bytes(1000)
+
+
+def test_mmap_reads_and_writes_reach_the_pool(fs: Mount, work: Path) -> None:
+    rng = random.Random(9)
+    payload = bytearray(rng.randbytes(3 * MiB))
+    path = work / "mapped"
+    path.write_bytes(payload)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        assert m[MiB - 10:MiB + 10] == payload[MiB - 10:MiB + 10]
+        assert m[:] == payload
+        m[100:105] = b"HELLO"
+        m[2 * MiB:2 * MiB + 3] = b"abc"
+        m.flush()
+    payload[100:105] = b"HELLO"
+    payload[2 * MiB:2 * MiB + 3] = b"abc"
+    assert path.read_bytes() == payload
+    fs.remount()  # what the daemon stored, not the kernel's page cache
+    assert path.read_bytes() == payload
+
+
+def _renameat2(old: Path, new: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, bytes(old), at_fdcwd, bytes(new), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def test_renameat2_noreplace_and_exchange(work: Path) -> None:
+    noreplace, exchange = 1, 2
+    (work / "a").write_bytes(b"A")
+    (work / "b").write_bytes(b"B")
+    (work / "d").mkdir()
+    (work / "d" / "inside").write_bytes(b"D")
+    with pytest.raises(OSError) as info:
+        _renameat2(work / "a", work / "b", noreplace)
+    assert info.value.errno == errno.EEXIST
+    assert (work / "b").read_bytes() == b"B"
+    _renameat2(work / "a", work / "c", noreplace)
+    assert not (work / "a").exists() and (work / "c").read_bytes() == b"A"
+    ino_c, ino_d = (work / "c").stat().st_ino, (work / "d").stat().st_ino
+    _renameat2(work / "c", work / "d", exchange)
+    assert (work / "c" / "inside").read_bytes() == b"D"
+    assert (work / "d").read_bytes() == b"A"
+    assert (work / "c").stat().st_ino == ino_d and (work / "d").stat().st_ino == ino_c
+    with pytest.raises(OSError) as info:
+        _renameat2(work / "d", work / "missing", exchange)
+    assert info.value.errno == errno.ENOENT
+
+
+def test_attributes_links_and_directories(work: Path) -> None:
+    f = work / "f"
+    f.write_bytes(b"data")
+    f.chmod(0o640)
+    os.chown(f, 1234, 5678)
+    st = f.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1234, 5678)
+    os.utime(f, ns=(1_000_000_000_111_111_111, 1_200_000_000_222_222_222))
+    assert f.stat().st_mtime_ns == 1_200_000_000_222_222_222
+    assert f.stat().st_atime_ns == 1_000_000_000_111_111_111
+    before = os.stat(f).st_mtime_ns
+    os.utime(f)  # UTIME_NOW
+    assert f.stat().st_mtime_ns > before
+    with open(f, "w") as fh:  # O_TRUNC
+        fh.write("x")
+    assert f.read_bytes() == b"x"
+    os.link(f, work / "g")
+    assert f.stat().st_nlink == 2 and (work / "g").stat().st_ino == f.stat().st_ino
+    os.mkfifo(work / "pipe")
+    assert stat.S_ISFIFO((work / "pipe").lstat().st_mode)
+    (work / "sub").mkdir()
+    (work / "sub" / "x").write_bytes(b"")
+    with pytest.raises(OSError) as info:
+        (work / "sub").rmdir()
+    assert info.value.errno == errno.ENOTEMPTY
+    names = {f"entry-{i:04d}-{'x' * (i % 50)}" for i in range(700)}
+    (work / "many").mkdir()
+    for name in names:
+        (work / "many" / name).write_bytes(b"")
+    assert set(os.listdir(work / "many")) == names
+    vfs = os.statvfs(work)
+    assert vfs.f_bavail > 0 and vfs.f_namemax == 255
+    with open(work / "alloc", "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, MiB)
+    assert (work / "alloc").stat().st_size == MiB
