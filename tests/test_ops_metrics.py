@@ -1,0 +1,236 @@
+"""Metrics and health: scraped over HTTP from a real pool, printed by the CLI, and read
+from a real mount through its control socket."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from admin_support import data_of, make_pool, run, write_files
+from dynamicfs.admin import registry
+from dynamicfs.engine.pool import Pool
+from dynamicfs.namespace.fs import Namespace
+from dynamicfs.namespace.types import ROOT_INO
+from dynamicfs.observability import metrics
+
+KiB = 1024
+MiB = 1024 * KiB
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as answer:
+        return parse(answer.read().decode())
+
+
+def get_json(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def total(samples: Samples, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+@contextmanager
+def serving(pool: Pool) -> Iterator[str]:
+    server = metrics.serve_metrics(pool, "127.0.0.1:0")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def write(ns: Namespace, name: str, data: bytes) -> int:
+    ino = ns.create(ROOT_INO, name.encode(), 0o644, 0, 0).ino
+    ns.write(ino, 0, data)
+    ns.fsync(ino)
+    ns.release(ino)
+    return ino
+
+
+def test_scraped_disk_counters_and_extents_move_with_writes_and_reads(tmp_path: Path) -> None:
+    pool_dir = make_pool(tmp_path, [None] * 3, policy="replicate:2", extent_size=64 * KiB)
+    with Pool.open(pool_dir) as pool, serving(pool) as url:
+        before = scrape(url)
+        assert total(before, "dynamicfs_disk_written_bytes_total") == 0
+        assert value(before, "dynamicfs_extents", state="healthy") == 0
+        for disk in ("1", "2", "3"):
+            assert value(before, "dynamicfs_disk_state", disk=disk, state="healthy") == 1
+            assert value(before, "dynamicfs_disk_state", disk=disk, state="failed") == 0
+            assert value(before, "dynamicfs_disk_capacity_bytes", disk=disk) > 0
+        ns = Namespace(pool)
+        try:
+            ino = write(ns, "f", data_of("f", MiB))
+            written = scrape(url)
+            assert total(written, "dynamicfs_disk_written_bytes_total") >= 2 * MiB
+            assert total(written, "dynamicfs_disk_writes_total") == 32
+            assert total(written, "dynamicfs_disk_used_bytes") >= 2 * MiB
+            assert total(written, "dynamicfs_disk_fragments") == 32
+            assert value(written, "dynamicfs_extents", state="healthy") == 16
+            assert value(written, "dynamicfs_extent_bytes", state="healthy") == MiB
+            assert total(written, "dynamicfs_disk_read_bytes_total") == 0
+
+            assert ns.read(ino, 0, MiB) == data_of("f", MiB)
+            read = scrape(url)
+            assert total(read, "dynamicfs_disk_read_bytes_total") >= MiB
+            assert total(read, "dynamicfs_disk_reads_total") >= 16
+        finally:
+            ns.close()
+
+
+def test_health_endpoint_and_metrics_follow_failed_disks_and_rebuilds(
+        tmp_path: Path) -> None:
+    pool_dir = make_pool(tmp_path, [None] * 3, policy="replicate:2", extent_size=64 * KiB)
+    write_files(pool_dir, {f"/f{i}": data_of(f"f{i}", 128 * KiB) for i in range(6)})
+    with Pool.open(pool_dir) as pool, serving(pool) as url:
+        code, doc = get_json(url + "/health")
+        assert (code, doc["status"], doc["exit_code"]) == (200, "healthy", 0)
+
+        registry.run(pool, "set-disk-health", {"ref": "1", "state": "failed"})
+        samples = scrape(url)
+        on_disk_1 = pool.meta.conn.execute(
+            "SELECT count(DISTINCT extent_id) FROM fragments WHERE disk_id = 1").fetchone()[0]
+        assert on_disk_1 > 0
+        assert value(samples, "dynamicfs_extents", state="under_redundant") == on_disk_1
+        assert value(samples, "dynamicfs_extents", state="unreadable") == 0
+        assert value(samples, "dynamicfs_disk_state", disk="1", state="failed") == 1
+        code, doc = get_json(url + "/health")
+        assert (code, doc["status"], doc["exit_code"]) == (503, "degraded", 1)
+        assert doc["at_risk"]["under_redundant"]  # type: ignore[index]
+
+        extra = tmp_path / "disk-new"
+        extra.mkdir()
+        registry.run(pool, "add-disk", {"path": str(extra)})
+        registry.run(pool, "repair", {})
+        repaired = scrape(url)
+        assert value(repaired, "dynamicfs_rebuild_attempts_total") >= on_disk_1
+        assert value(repaired, "dynamicfs_rebuild_successes_total") == on_disk_1
+        assert value(repaired, "dynamicfs_rebuild_bytes_total") >= on_disk_1 * 64 * KiB
+        assert value(repaired, "dynamicfs_extents", state="under_redundant") == 0
+
+        with urllib.request.urlopen(url + "/", timeout=30) as answer:
+            assert b"/metrics" in answer.read()
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(url + "/nothing", timeout=30)
+        assert missing.value.code == 404
+
+
+def test_fuse_latency_histogram_counts_observed_requests(tmp_path: Path) -> None:
+    pool_dir = make_pool(tmp_path, [None] * 2, policy="replicate:2")
+    with Pool.open(pool_dir) as pool:
+        name = "dynamicfs_fuse_op_seconds_count"
+        before = parse(metrics.render(pool)).get((name, (("op", "test_op"),)), 0.0)
+        metrics.observe_fuse("test_op", 0.0002)
+        metrics.observe_fuse("test_op", 3.0)
+        samples = parse(metrics.render(pool))
+        assert value(samples, name, op="test_op") == before + 2
+        assert value(samples, "dynamicfs_fuse_op_seconds_bucket", op="test_op", le="0.00025") \
+            >= before + 1
+        assert metrics.last_fuse_request() > 0
+
+
+def test_metrics_and_health_commands_offline(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    pool_dir = make_pool(tmp_path, [None] * 3, policy="replicate:2", extent_size=64 * KiB)
+    write_files(pool_dir, {"/a/file": data_of("a", 200 * KiB), "/b": data_of("b", 10 * KiB)})
+    code, out, _ = run(capsys, "metrics", pool_dir)
+    assert code == 0
+    assert value(parse(out), "dynamicfs_extents", state="healthy") == 5
+
+    code, out, _ = run(capsys, "health", pool_dir)
+    assert code == 0 and "HEALTHY" in out
+
+    code, _, _ = run(capsys, "fail-disk", pool_dir, "1")
+    assert code == 0
+    code, out, _ = run(capsys, "health", pool_dir, "--json")
+    doc = json.loads(out)
+    assert (code, doc["status"]) == (1, "degraded")
+    assert "/a/file" in doc["at_risk"]["under_redundant"]
+
+    code, _, _ = run(capsys, "fail-disk", pool_dir, "2", "--force")
+    assert code == 0
+    code, out, _ = run(capsys, "health", pool_dir)
+    assert code == 2
+    assert "UNREADABLE" in out and "/a/file" in out
+
+
+@contextmanager
+def mounted(pool_dir: Path, mnt: Path) -> Iterator[Path]:
+    mnt.mkdir()
+    cli = [sys.executable, "-m", "dynamicfs.cli.main"]
+    subprocess.run([*cli, "mount", str(pool_dir), str(mnt)], check=True, capture_output=True,
+                   timeout=120)
+    try:
+        yield mnt
+    finally:
+        done = subprocess.run([*cli, "unmount", str(mnt)], capture_output=True, timeout=300)
+        if done.returncode != 0:
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+
+
+@contextmanager
+def metrics_server_program(pool_dir: Path) -> Iterator[str]:
+    """`dynamicfs metrics-server POOL --port 0` in its own process; yields its URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "dynamicfs.cli.main", "metrics-server",
+                             str(pool_dir), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        found: list[str] = []
+        reader = threading.Thread(target=lambda: found.append(proc.stderr.readline()),  # type: ignore[union-attr]
+                                  daemon=True)
+        reader.start()
+        reader.join(60)
+        match = re.search(r"(http://[\d.]+:\d+)/metrics", found[0] if found else "")
+        assert match, f"metrics-server said {found!r}"
+        yield match.group(1)
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+@pytest.mark.fuse
+def test_mounted_pool_serves_fuse_latency_and_health_through_its_daemon(
+        tmp_path: Path, fuse_available: None, capsys: pytest.CaptureFixture[str]) -> None:
+    pool_dir = make_pool(tmp_path, [None] * 3, policy="replicate:2", extent_size=64 * KiB)
+    with mounted(pool_dir, tmp_path / "mnt") as mnt:
+        (mnt / "file").write_bytes(data_of("file", 300 * KiB))
+        with metrics_server_program(pool_dir) as url:
+            samples = scrape(url)
+            assert value(samples, "dynamicfs_fuse_op_seconds_count", op="write") >= 1
+            assert value(samples, "dynamicfs_fuse_op_seconds_count", op="create") == 1
+            assert total(samples, "dynamicfs_disk_written_bytes_total") >= 600 * KiB
+            code, doc = get_json(url + "/health")
+            assert (code, doc["status"]) == (200, "healthy")
+        assert (mnt / "file").read_bytes() == data_of("file", 300 * KiB)
+        code, out, _ = run(capsys, "metrics", pool_dir)
+        assert code == 0
+        assert value(parse(out), "dynamicfs_fuse_op_seconds_count", op="read") >= 1
+        code, out, _ = run(capsys, "health", pool_dir, "--json")
+        assert (code, json.loads(out)["status"]) == (0, "healthy")
