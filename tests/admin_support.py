@@ -4,6 +4,7 @@ back through the namespace in-process, inspected through SQLite, and run through
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -91,7 +92,9 @@ def read_files(pool_dir: Path, paths: list[str]) -> dict[str, bytes]:
 
 
 def db_snapshot(pool_dir: Path) -> dict[str, list[tuple[object, ...]]]:
-    """Every row of every table, with the pool's epoch left out (each open bumps it)."""
+    """Every row of every table, leaving out what a refused command may change: the
+    pool's epoch (every open bumps it) and the audit records of refusals (with the
+    `events` id counter they move)."""
     conn = sqlite3.connect(pool_dir / "pool.db")
     try:
         tables = [r[0] for r in conn.execute(
@@ -100,18 +103,34 @@ def db_snapshot(pool_dir: Path) -> dict[str, list[tuple[object, ...]]]:
         for table in tables:
             cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
             keep = [c for c in cols if not (table == "pool" and c == "epoch")]
-            snap[table] = conn.execute(
-                f"SELECT {', '.join(keep)} FROM {table} ORDER BY 1").fetchall()
+            rows = conn.execute(f"SELECT {', '.join(keep)} FROM {table} ORDER BY 1").fetchall()
+            if table == "events":
+                rows = [r for r in rows if not _refusal_audit(r)]
+            elif table == "sqlite_sequence":  # the events counter moves with audit records
+                rows = [r for r in rows if r[0] != "events"]
+            snap[table] = rows
         return snap
     finally:
         conn.close()
 
 
+def _refusal_audit(row: tuple[object, ...]) -> bool:
+    _, _, kind, detail = row
+    if not str(kind).startswith("audit:"):
+        return False
+    try:
+        return bool(json.loads(str(detail)).get("outcome") == "refused")
+    except ValueError:
+        return False
+
+
 def tree(root: Path) -> dict[str, int]:
-    """Files under root with their sizes; the database (compared through db_snapshot)
-    and the lock file are left out."""
+    """Files under root with their sizes; the database (compared through db_snapshot),
+    the lock file and pools' logs are left out."""
     out = {}
-    for dirpath, _, names in os.walk(root):
+    for dirpath, dirs, names in os.walk(root):
+        if "logs" in dirs and (Path(dirpath) / "pool.db").exists():
+            dirs.remove("logs")  # a pool's logs
         for name in names:
             if name.startswith("pool.db") or name == "pool.lock":
                 continue
