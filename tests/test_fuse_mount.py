@@ -248,6 +248,28 @@ def test_unmount_refuses_a_busy_mount(pool: Mount) -> None:
     pool.unmount()
 
 
+def test_unmount_clears_the_mount_of_a_killed_daemon(pool: Mount) -> None:
+    pool.mount()
+    with open(pool / "kept", "wb") as f:
+        f.write(b"durable")
+        f.flush()
+        os.fsync(f.fileno())  # commits the file and its directory entry
+    assert pool.pid is not None
+    os.kill(pool.pid, signal.SIGKILL)
+    wait_gone(pool.pid)
+    pool.pid = None
+    with pytest.raises(OSError):
+        os.listdir(pool.mnt)
+    one_error_line(cli("mount", pool.pool, pool.mnt, check=False), "dead FUSE mount", "unmount")
+    done = cli("unmount", pool.mnt)
+    assert "no mount daemon was running" in done.stdout
+    assert not is_mounted(pool.mnt)
+    for name in MOUNT_FILES:
+        assert not (pool.pool / name).exists(), name
+    pool.mount()
+    assert (pool / "kept").read_bytes() == b"durable"
+
+
 def test_foreground_mount_stops_on_ctrl_c(pool: Mount) -> None:
     proc = subprocess.Popen([PY, "-m", "dynamicfs.cli.main", "mount", "-f", str(pool.pool),
                              str(pool.mnt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

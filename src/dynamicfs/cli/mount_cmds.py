@@ -47,6 +47,9 @@ def register(cli: click.Group) -> None:
         done = daemon.unmount(mountpoint, lazy=lazy)
         if lazy:
             click.echo(f"detached {done.mountpoint}; the pool closes once nothing uses it")
+        elif done.pid is None:
+            click.echo(f"unmounted {done.mountpoint} (no mount daemon was running: cleared "
+                       "the mount it left behind)")
         else:
             pool = f" (pool {done.pool} flushed and closed)" if done.pool else ""
             click.echo(f"unmounted {done.mountpoint}{pool}")

@@ -443,7 +443,7 @@ def unmount(target: Path | str, *, lazy: bool = False, timeout: float = EXIT_TIM
     """
     path = Path(os.path.abspath(target))
     pool_dir: Path | None = None
-    if is_pool(path):
+    if _is_pool(path):
         pool_dir = path
         info = _mount_info(path)
         if not info:
@@ -453,7 +453,7 @@ def unmount(target: Path | str, *, lazy: bool = False, timeout: float = EXIT_TIM
     if entry is None or entry.fstype != FSTYPE:
         what = "nothing" if entry is None else f"a {entry.fstype} filesystem"
         raise MountError(f"{path} is not a DynamicFS mount ({what} is mounted there)")
-    if pool_dir is None and is_pool(Path(entry.source)):
+    if pool_dir is None and _is_pool(Path(entry.source)):
         pool_dir = Path(entry.source)
     pid = _daemon_pid(pool_dir, path) if pool_dir else None
     _fusermount_u(path, lazy)
@@ -462,6 +462,13 @@ def unmount(target: Path | str, *, lazy: bool = False, timeout: float = EXIT_TIM
     if pool_dir is not None and pid is None:
         _clear_stale(pool_dir)
     return Unmounted(str(path), str(pool_dir) if pool_dir else None, pid)
+
+
+def _is_pool(path: Path) -> bool:
+    try:
+        return is_pool(path)
+    except OSError:  # e.g. a dead FUSE mount: ENOTCONN
+        return False
 
 
 def _mount_info(pool_dir: Path) -> dict[str, object] | None:
