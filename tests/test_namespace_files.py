@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dynamicfs.disks.faulty import FaultRule, FaultyDisk
 from dynamicfs.errors import FsError
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.namespace.types import POLICY_XATTR, ROOT_INO
@@ -198,3 +199,26 @@ def test_writes_across_extent_boundaries_read_back(mount: Mount) -> None:
     mount.remount()
     assert mount.ns.read(ino, 0, 6 * E) == bytes(data)
     assert mount.ns.getattr(ino).size == len(data)
+
+
+def test_fsync_reports_a_failed_fragment_sync_and_the_pool_carries_on(mount: Mount) -> None:
+    kept = mount.create(b"kept", b"durable")
+    mount.ns.release(kept)
+    faulty = FaultyDisk(mount.pool.backends[2], [FaultRule("sync", "eio", times=1)],
+                        own_device=True)
+    mount.pool.backends[2] = faulty
+    ino = mount.ns.create(ROOT_INO, b"f", 0o644, 0, 0).ino
+    mount.ns.write(ino, 0, os.urandom(E))
+    with pytest.raises(OSError) as failure:
+        mount.ns.fsync(ino)
+    assert failure.value.errno == errno.EIO
+    # Nothing of the failed transaction is durable, and the pool goes on working.
+    g = mount.create(b"g", b"after the failure")
+    mount.ns.release(g)
+    mount.remount()
+    assert mount.ns.read(mount.ns.lookup(ROOT_INO, b"kept").ino, 0, 99) == b"durable"
+    assert mount.ns.read(mount.ns.lookup(ROOT_INO, b"g").ino, 0, 99) == b"after the failure"
+    with mount.pool.meta.read() as conn:
+        dangling = conn.execute("SELECT count(*) FROM file_extents f LEFT JOIN extents e "
+                                "ON e.id = f.extent_id WHERE e.id IS NULL").fetchone()[0]
+    assert dangling == 0
