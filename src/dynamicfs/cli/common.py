@@ -17,7 +17,7 @@ from rich.table import Table
 
 from dynamicfs.admin.audited import run_offline
 from dynamicfs.control import client
-from dynamicfs.engine.pool import Pool, is_pool
+from dynamicfs.engine.pool import Pool, is_pool, not_a_pool
 from dynamicfs.errors import PoolBusyError, PoolError
 
 # Piped output is read by scripts: tables there keep each row on one line.
@@ -67,8 +67,7 @@ def check_pool_path(path: str) -> Path:
         raise PoolError(f"pool {pool_dir} does not exist; create it with "
                         f"'dynamicfs init {pool_dir}'")
     if not is_pool(pool_dir):
-        raise PoolError(f"{pool_dir} is not a DynamicFS pool; create one with "
-                        f"'dynamicfs init {pool_dir}'")
+        raise not_a_pool(pool_dir)
     return pool_dir
 
 

@@ -82,6 +82,17 @@ def is_pool(path: Path) -> bool:
     return (Path(path) / DB_NAME).is_file()
 
 
+def not_a_pool(pool_dir: Path) -> PoolError:
+    """The error for a directory without pool.db: a pool that lost it, or no pool at all."""
+    # pool.lock is left by every open; disks.json by every metadata copy.
+    if (pool_dir / LOCK_NAME).exists() or (pool_dir / "disks.json").exists():
+        return PoolError(f"{pool_dir} has lost its metadata database ({DB_NAME}); restore it "
+                         f"from the copies on its disks with 'dynamicfs recover-metadata "
+                         f"{pool_dir}'")
+    return PoolError(f"{pool_dir} is not a DynamicFS pool (no {DB_NAME}); create one with "
+                     f"'dynamicfs init {pool_dir}'")
+
+
 def mount_info(path: Path) -> dict[str, object] | None:
     try:
         return dict(json.loads((Path(path) / MOUNT_INFO).read_text()))
@@ -151,8 +162,7 @@ class Pool:
             raise PoolError(f"pool {pool_dir} does not exist; create it with "
                             f"'dynamicfs init {pool_dir}'")
         if not is_pool(pool_dir):
-            raise PoolError(f"{pool_dir} is not a DynamicFS pool (no {DB_NAME}); create one "
-                            f"with 'dynamicfs init {pool_dir}'")
+            raise not_a_pool(pool_dir)
         pool_lock = PoolLock(pool_dir) if lock else None
         if pool_lock:
             pool_lock.acquire()
