@@ -7,6 +7,8 @@ import os
 import stat
 from pathlib import Path
 
+import blake3
+
 from dynamicfs.admin.disks import add_disk
 from dynamicfs.admin.init import init_pool
 from dynamicfs.cli.main import main
@@ -30,9 +32,8 @@ def make_pool(tmp_path: Path, disks: int = 6, policy: str = "ec:4+2",
 
 
 def data_of(name: str, size: int) -> bytes:
-    """Deterministic, incompressible-looking bytes, different per name."""
-    seed = sum(name.encode()) % 251
-    return bytes((i * 31 + seed + (i >> 8)) % 256 for i in range(size))
+    """Deterministic, incompressible bytes, different per name."""
+    return blake3.blake3(name.encode()).digest(length=size)
 
 
 def _lookup_parent(ns: Namespace, path: str, create: bool) -> tuple[int, bytes]:
