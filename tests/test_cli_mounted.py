@@ -1,0 +1,82 @@
+"""Admin commands on a mounted pool go through its control socket and act on the live
+filesystem: a disk drains while files are read through the mount, and refusals come
+back as one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from admin_support import assert_one_line_error, data_of, sql
+from fusehelpers import cli, mounted_pool
+
+pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
+
+MiB = 1024 * 1024
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_remove_disk_while_mounted_keeps_files_readable_through_the_mount(
+        tmp_path: Path) -> None:
+    files = {"a": data_of("a", 3 * MiB), "dir/b": data_of("b", MiB + 7),
+             "c": data_of("c", 4096)}
+    with mounted_pool(tmp_path, disks=5, default_policy="replicate:3",
+                      extent_size=256 * 1024) as m:
+        for name, data in files.items():
+            _write(m / name, data)
+        disk_id = sql(m.pool, "SELECT disk_id FROM fragments GROUP BY disk_id "
+                              "ORDER BY count(*) DESC LIMIT 1")[0][0]
+        bad_reads: list[str] = []
+        stop = threading.Event()
+
+        def read_all() -> None:
+            while not stop.is_set():
+                for name, data in files.items():
+                    if (m / name).read_bytes() != data:
+                        bad_reads.append(name)
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        try:
+            done = cli("remove-disk", m.pool, str(disk_id), "--json")
+        finally:
+            stop.set()
+            reader.join()
+
+        report = json.loads(done.stdout)
+        assert report["removed"] and report["fragments_moved"] > 0
+        assert report["under_redundant"] == 0
+        assert bad_reads == []
+        for name, data in files.items():
+            assert (m / name).read_bytes() == data
+        status = json.loads(cli("status", m.pool, "--json").stdout)
+        assert status["extents"] == status["healthy"] > 0
+        assert [d["id"] for d in status["disks"]] == [i for i in range(1, 6) if i != disk_id]
+        assert sql(m.pool, "SELECT count(*) FROM fragments WHERE disk_id = ?",
+                   (disk_id,)) == [(0,)]
+        m.remount()
+        for name, data in files.items():
+            assert (m / name).read_bytes() == data
+
+
+def test_a_refusal_through_the_control_socket_is_one_line(tmp_path: Path) -> None:
+    with mounted_pool(tmp_path, disks=2, default_policy="replicate:2") as m:
+        _write(m / "precious", data_of("p", 10_000))
+        done = cli("remove-disk", m.pool, "1", check=False)
+        assert_one_line_error(done.returncode, done.stderr)
+        assert "/precious" in done.stderr
+        done = cli("fail-disk", "--pool", m.pool, "--disk", "9", check=False)
+        assert_one_line_error(done.returncode, done.stderr)
+        assert "unknown disk '9'" in done.stderr
+        assert (m / "precious").read_bytes() == data_of("p", 10_000)
