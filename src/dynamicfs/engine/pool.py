@@ -188,6 +188,7 @@ class Pool:
 
     def close(self) -> None:
         try:
+            self.meta.commit()  # syncs pending fragments through the store's executor
             self.store.close()
             self.meta.close()
         finally:
