@@ -129,9 +129,29 @@ def test_remove_disk_refuses_when_too_few_disks_remain_and_names_the_files(
 
     assert_one_line_error(code, err)
     assert "/ec/one" in err and "/ec/two" in err and "/rep/safe" not in err
-    assert "--force" in err
+    assert "too few disks would remain" in err and "--force" in err
     assert db_snapshot(pool_dir) == before_db
     assert tree(tmp_path) == before_disks
+
+
+def test_remove_disk_refuses_when_the_other_disks_lack_space(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # replicate:2 over one big and two small disks: every extent has a copy on the big
+    # one, and the small ones cannot take a second copy of everything.
+    pool_dir = make_pool(tmp_path, [64 * MiB, 3 * MiB, 3 * MiB], policy="replicate:2")
+    files = {"/bulk": data_of("bulk", 4 * MiB)}
+    write_files(pool_dir, files)
+    assert sql(pool_dir, "SELECT count(*) FROM fragments WHERE disk_id = 1") == \
+        sql(pool_dir, "SELECT count(*) FROM extents")
+    before_db, before_disks = db_snapshot(pool_dir), tree(tmp_path)
+
+    code, _, err = run(capsys, "remove-disk", pool_dir, tmp_path / "disk0")
+
+    assert_one_line_error(code, err)
+    assert "the other disks lack free space" in err and "/bulk" in err
+    assert db_snapshot(pool_dir) == before_db
+    assert tree(tmp_path) == before_disks
+    assert read_files(pool_dir, list(files)) == files
 
 
 def test_forced_remove_leaves_extents_under_redundant_and_queued_for_repair(

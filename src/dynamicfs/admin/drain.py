@@ -15,7 +15,7 @@ from dynamicfs.admin.inspect import MAX_PATHS, files_of_extents
 from dynamicfs.admin.registry import Progress, operation
 from dynamicfs.engine.pool import Pool
 from dynamicfs.errors import DataAtRiskError
-from dynamicfs.maintenance.drain import DrainResult, drain_disk, plan_drain
+from dynamicfs.maintenance.drain import DrainPlan, DrainResult, drain_disk, plan_drain
 
 SHOWN_PATHS = 5
 
@@ -41,6 +41,19 @@ def _name_files(paths: list[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+def _why(plan: DrainPlan) -> str:
+    reasons = []
+    if plan.too_few_disks:
+        reasons.append(f"{len(plan.too_few_disks)} below their policy's minimum: too few "
+                       "disks would remain")
+    if plan.no_space:
+        reasons.append(f"{len(plan.no_space)} below their policy's minimum: the other disks "
+                       "lack free space")
+    if plan.unreadable:
+        reasons.append(f"{len(plan.unreadable)} unreadable now")
+    return ", ".join(reasons)
+
+
 def _at_stake(pool: Pool, extent_ids: list[int]) -> list[str]:
     with pool.meta.read() as conn:
         return files_of_extents(conn, extent_ids)
@@ -54,9 +67,9 @@ def remove_disk(pool: Pool, ref: str, force: bool = False,
     if not plan.safe and not force:
         paths = _at_stake(pool, plan.at_stake)
         raise DataAtRiskError(
-            f"removing disk {disk.id} ({disk.path}) would leave {len(plan.at_stake)} extents "
-            f"below their policy's minimum or unreadable; files at stake: {_name_files(paths)}; "
-            "add disks or free space first, or use --force to remove it anyway", paths)
+            f"removing disk {disk.id} ({disk.path}) would put {len(plan.at_stake)} extents at "
+            f"risk ({_why(plan)}); files at stake: {_name_files(paths)}; add disks or free "
+            "space first, or use --force to remove it anyway", paths)
     result = drain_disk(pool, disk.id, force=force, progress=progress)
     if result.stuck:
         paths = _at_stake(pool, result.stuck)

@@ -51,12 +51,19 @@ class DrainPlan:
     bytes: int = 0
     # Would end with fewer fragments than the policy's width (still >= minimum).
     under_redundant: list[int] = field(default_factory=list)
-    # Would end below the policy's minimum, or cannot be read now: data at stake.
-    at_stake: list[int] = field(default_factory=list)
+    # Data at stake: would end below the policy's minimum because too few disks
+    # remain, or because the disks that remain lack free space; or cannot be read now.
+    too_few_disks: list[int] = field(default_factory=list)
+    no_space: list[int] = field(default_factory=list)
+    unreadable: list[int] = field(default_factory=list)
+
+    @property
+    def at_stake(self) -> list[int]:
+        return sorted(self.too_few_disks + self.no_space + self.unreadable)
 
     @property
     def safe(self) -> bool:
-        return not self.at_stake
+        return not (self.too_few_disks or self.no_space or self.unreadable)
 
 
 @dataclass
@@ -144,8 +151,14 @@ def plan_drain(pool: Pool, disk_id: int) -> DrainPlan:
                 if c.disk_id == chosen[0]:
                     c.free -= size
         final = len(kept) + placed
-        if len(readable) < policy.k or final < policy.minimum:
-            plan.at_stake.append(extent.id)
+        if len(readable) < policy.k:
+            plan.unreadable.append(extent.id)
+        elif final < policy.minimum:
+            reachable = len(kept) + sum(1 for c in candidates if c.disk_id not in kept.values())
+            if reachable < policy.minimum:
+                plan.too_few_disks.append(extent.id)
+            else:
+                plan.no_space.append(extent.id)
         elif final < policy.width:
             plan.under_redundant.append(extent.id)
     return plan
