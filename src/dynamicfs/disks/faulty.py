@@ -260,7 +260,7 @@ def wrap_backends(pool: Pool, spec: str | None = None) -> dict[int, FaultyDisk]:
     """Wrap the pool's disks named by `spec` (default: $DYNAMICFS_FAULTS) in FaultyDisks.
 
     A rule without disk= applies to every disk. Returns the wrappers by disk id.
-    Disks added or re-read later (pool.reload_disks) get plain backends again.
+    Wrappers stay through pool.reload_disks(); disks added later get plain backends.
     """
     text = os.environ.get(ENV_VAR, "") if spec is None else spec
     rules = parse_spec(text)
