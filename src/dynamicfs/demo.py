@@ -2,16 +2,17 @@
 
 Run by `./scripts/demo`. It builds a pool under a scratch directory, mounts it, copies
 the Python standard library and a large file in, unmounts, fails two disks (one marked
-failed by the operator, one destroyed by deleting its fragments), mounts again with cold
+failed by the operator, one destroyed by deleting its directory), mounts again with cold
 caches, checks every file byte for byte through the mount, adds a new disk while
-mounted, rebuilds redundancy onto it, prints `status`, unmounts, and exits non-zero if
-anything did not match.
+mounted, lets probe-disks find the dead disk, rebuilds redundancy, prints `status`,
+remounts, checks every file again, scrubs, and exits non-zero if anything did not match.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -69,22 +70,34 @@ class Demo:
             first = layout.stdout.splitlines()[0] if layout.stdout else ""
             self.say(f"big.bin is erasure coded: {first}")
         self.unmount()
-        self.say("failing disk 2 (operator: fail-disk) and destroying disk 5 (fragments deleted)")
+        self.say("failing two disks: disk 2 by the operator (fail-disk), disk 5 destroyed "
+                 "(its directory deleted)")
         self.dfs("fail-disk", str(self.pool), "2", quiet=True)
-        shutil.rmtree(disks[4] / "fragments", ignore_errors=True)
+        shutil.rmtree(disks[4])
         self.mount()
         self.say("checking every file byte for byte through the mount (cold caches)")
         bad = self.verify()
         new = self.scratch / "disk7"
         new.mkdir()
         self.dfs("add-disk", str(self.pool), str(new), "--capacity", "256M", quiet=True)
-        self.say("added disk 7 while mounted; rebuilding lost fragments")
+        self.say("added disk 7 while mounted")
+        probed = self.dfs("probe-disks", str(self.pool), "--json", quiet=True)
+        self.say("probe-disks: " + _failed_disks(probed))
         self.dfs("repair", str(self.pool), check=False, quiet=True)
+        self.say("repair rebuilt the lost fragments onto the remaining and the new disk")
         self.dfs("status", str(self.pool))
-        bad += self.verify(quiet=True)
+        self.unmount()
+        self.mount()
+        self.say("after remount, checking every file again (cold caches)")
+        bad += self.verify()
+        scrub = subprocess.run([sys.executable, "-m", "dynamicfs", "scrub", str(self.pool)],
+                               capture_output=True, text=True)
+        self.say("scrub: " + (scrub.stdout.strip().splitlines() or ["(no output)"])[-1])
+        if scrub.returncode != 0:
+            bad += 1
         self.unmount()
         if bad:
-            self.say(f"FAILED: {bad} files differ")
+            self.say(f"FAILED: {bad} problems")
             return 1
         self.say("every file matched, before and after the rebuild")
         return 0
@@ -141,6 +154,16 @@ class Demo:
             subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
         if not self.keep:
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _failed_disks(probe_json: str) -> str:
+    try:
+        rows = json.loads(probe_json)
+        failed = [f"disk {r['id']} {r['before']} -> {r['after']} ({r['reason']})"
+                  for r in rows if r.get("after") != r.get("before")]
+    except (ValueError, KeyError, TypeError):
+        return "done"
+    return "; ".join(failed) or "no change"
 
 
 def _digest(path: Path) -> bytes:
