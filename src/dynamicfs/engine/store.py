@@ -33,7 +33,7 @@ import blake3
 
 from dynamicfs.disks import fragment as fragfmt
 from dynamicfs.disks.directory import SYNCFS_THRESHOLD
-from dynamicfs.disks.health import COUNTS_FOR_REDUNDANCY
+from dynamicfs.disks.health import COUNTS_FOR_REDUNDANCY, HEALTHY, SUSPECT
 from dynamicfs.errors import FsError, NoSpaceError, UnreadableError
 from dynamicfs.observability.log import warn
 from dynamicfs.placement.placement import Candidate, choose_disks
@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 CACHE_BYTES = 64 * 1024 * 1024
 STATVFS_TTL = 1.0
+# A healthy disk with this many errors within SUSPECT_WINDOW seconds becomes suspect.
+SUSPECT_AFTER = 8
+SUSPECT_WINDOW = 600.0
 # Bytes of fragments queued for one disk before they go to a writer thread.
 WRITE_BATCH = 256 * 1024
 
@@ -123,6 +126,7 @@ class ExtentStore:
         self._statvfs: dict[int, tuple[float, int]] = {}
         self.repair_wanted: set[int] = set()
         self.stats: collections.Counter[str] = collections.Counter()
+        self._recent_errors: dict[int, collections.deque[float]] = {}
         self._repair_lock = threading.Lock()
         self.meta.before_commit.append(self.sync_pending)
 
@@ -443,15 +447,32 @@ class ExtentStore:
 
     # -- health bookkeeping ------------------------------------------------------
     def note_disk_error(self, disk_id: int, kind: str, detail: str) -> None:
+        """Count an error against a disk; past the threshold a healthy disk turns suspect
+        (no new fragments; the background rebuilder moves its data away)."""
         info = self.pool.disks.get(disk_id)
         if info is None:
             return
         column = {"write": "write_errors", "checksum": "checksum_errors",
                   "read": "read_errors", "missing": "read_errors"}[kind]
         setattr(info, column, getattr(info, column) + 1)
+        recent = self._recent_errors.setdefault(disk_id, collections.deque())
+        now = time.monotonic()
+        recent.append(now)
+        while recent and now - recent[0] > SUSPECT_WINDOW:
+            recent.popleft()
+        suspect = info.state == HEALTHY and len(recent) >= SUSPECT_AFTER
         with self.meta.write() as conn:
             conn.execute(f"UPDATE disks SET {column} = {column} + 1 WHERE id = ?", (disk_id,))
+            if suspect:
+                info.state = SUSPECT
+                info.reason = (f"{len(recent)} read, write or checksum errors within "
+                               f"{SUSPECT_WINDOW / 60:.0f} minutes")
+                conn.execute("UPDATE disks SET state = ?, reason = ? WHERE id = ?",
+                             (info.state, info.reason, disk_id))
         warn("fragment error", disk=disk_id, kind=kind, detail=detail)
+        if suspect:
+            recent.clear()
+            warn("disk is now suspect", disk=disk_id, reason=info.reason)
 
     def want_repair(self, extent_id: int) -> None:
         with self._repair_lock:
@@ -526,8 +547,10 @@ class ExtentStore:
 
         Re-creates fragments that are missing, bad, on disks that do not count for
         redundancy, or on `evacuate` disks. Returns 'healthy' (nothing to do),
-        'repaired', 'partial' (better but still under-redundant) or raises
-        UnreadableError when fewer than k good fragments are left.
+        'repaired', 'partial' (better but still under-redundant), 'stuck' (no fragment
+        could be placed), 'stale' (the extent's fragments changed while it was being
+        rebuilt: nothing was changed, try again) or raises UnreadableError when fewer
+        than k good fragments are left.
         """
         info = self.load(extent_id)
         disks = self.pool.disks
@@ -617,6 +640,15 @@ class ExtentStore:
         retire = [r for r in drop if r.index in placed or r.disk_id not in self.pool.disks
                   or not self.pool.disks[r.disk_id].readable]
         with self.meta.write() as conn:
+            # The extent was read without the metadata lock: if it has been freed,
+            # rewritten or rebuilt by someone else since, this rebuild is void.
+            now = {row[0] for row in conn.execute(
+                "SELECT id FROM fragments WHERE extent_id = ?", (info.id,))}
+            if now != {r.id for r in info.fragments}:
+                for row in new_rows:
+                    self.pool.disks[row.disk_id].used -= row.size
+                self._unlink_unrecorded(new_rows)
+                return "stale"
             conn.executemany("DELETE FROM fragments WHERE id = ?", [(r.id,) for r in retire])
             self._release_fragments(conn, [(r.id, r.disk_id, r.size) for r in retire])
             self.record_fragments(conn, new_rows)
