@@ -179,9 +179,9 @@ def next_due(schedule: Schedule | None, cursor: Cursor, now: float) -> float | N
         return None
     if due(schedule, cursor, now):
         return now
-    for days in range(1, 9):
+    for days in range(0, 9):
         at = _slot(schedule.hour, now, -days)
-        if due(schedule, cursor, at):
+        if at > now and due(schedule, cursor, at):
             return at
     return None
 
@@ -224,8 +224,9 @@ class BackgroundScrub:
     """The scrub thread of one pool; commands come from admin operations (any thread)."""
 
     def __init__(self, pool: Pool, *, quiet: float = QUIET, max_yield: float = MAX_YIELD,
-                 idle_poll: float = IDLE_POLL) -> None:
+                 idle_poll: float = IDLE_POLL, rates: dict[str, int] | None = None) -> None:
         self.pool = pool
+        self.rates = dict(rates or INTENSITIES)
         self.quiet = quiet
         self.max_yield = max_yield
         self.idle_poll = idle_poll
@@ -317,7 +318,7 @@ class BackgroundScrub:
             note = "scheduled passes are suspended until 'scrub-daemon start'"
         elif c.mode == IDLE and schedule is None:
             note = "no schedule: start a pass with 'scrub-daemon start' or set 'scrub-schedule'"
-        return Status(c.mode, c.intensity, INTENSITIES[c.intensity], c.position, c.pass_started,
+        return Status(c.mode, c.intensity, self.rates[c.intensity], c.position, c.pass_started,
                       c.pass_checked, remaining,
                       round(c.pass_checked / total, 4) if in_pass and total else 0.0,
                       c.pass_bytes, c.pass_problems, c.pass_repaired, c.passes,
@@ -379,7 +380,7 @@ class BackgroundScrub:
         check = scrub.check_extent(self.pool, info, self._disk_problems())
         verdict = self._judge(check)
         self._expected_ops = self._disk_ops()
-        rate = INTENSITIES[self.cursor.intensity]
+        rate = self.rates[self.cursor.intensity]
         self._next_slot = max(self._next_slot, time.monotonic()) + check.fragment_bytes / rate
         with self._lock:
             c = self.cursor

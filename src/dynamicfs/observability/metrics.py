@@ -14,9 +14,11 @@ global one):
 and `/health` over HTTP from a thread, and `start_metrics_server(pool, address)` is
 what the mount daemon calls for `--metrics-address`.
 
-Metadata queries run on a read-only connection (see health.reader) so a scrape never
-takes the metadata lock; their results are reused for ten times as long as they took
-to compute, so that scraping a large pool often costs at most a tenth of a core.
+Heavy metadata queries (extents by state, fragments per disk) run on a read-only
+connection (see health.Reader), so a scrape never holds the metadata lock while it
+counts; they see the last committed state, at most a group commit old. Their results
+are reused for ten times as long as they took to compute when that is more than
+CACHE_THRESHOLD, so that scraping a large pool often costs at most a tenth of a core.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ if TYPE_CHECKING:
 # From 50 µs (a cached getattr) to 10 s (a read that waits on a failing disk).
 FUSE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Cached metadata figures live this many times longer than they took to compute.
+# Metadata figures that took at least CACHE_THRESHOLD seconds to compute are reused for
+# CACHE_FACTOR times as long; cheaper ones (small pools) are always fresh.
 CACHE_FACTOR = 10.0
+CACHE_THRESHOLD = 0.05
 DEFAULT_PORT = 9464
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -98,7 +102,8 @@ class _Cached:
             if now >= self.expires:
                 self.value = self.compute()
                 took = time.monotonic() - now
-                self.expires = time.monotonic() + CACHE_FACTOR * took
+                if took >= CACHE_THRESHOLD:
+                    self.expires = time.monotonic() + CACHE_FACTOR * took
             return self.value
 
 
