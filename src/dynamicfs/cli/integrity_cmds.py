@@ -55,7 +55,10 @@ def _show_scrub(r: dict[str, Any]) -> None:
     if r["problems"]:
         print_table(None, ["state", "extent", "files", "detail"],
                     [[p["state"], p["extent_id"], "\n".join(p["paths"][:5]) or "-",
-                      p["detail"]] for p in r["problems"]])
+                      p["detail"]] for p in r["problems"][:SHOW_PATHS]])
+    if r["problems_total"] > SHOW_PATHS:
+        click.echo(f"... {r['problems_total'] - SHOW_PATHS} more problem extents "
+                   "(see --json)")
     lost = sorted({path for p in r["problems"] if p["state"] == "unreadable"
                    for path in p["paths"]})
     if lost:
@@ -79,7 +82,7 @@ def _show_repair(r: dict[str, Any]) -> None:
     if r["problems"]:
         print_table(None, ["outcome", "extent", "files", "detail"],
                     [[p["outcome"], p["extent_id"], "\n".join(p["paths"][:5]) or "-",
-                      p["detail"]] for p in r["problems"]])
+                      p["detail"]] for p in r["problems"][:SHOW_PATHS]])
 
 
 def _show_fsck(r: dict[str, Any]) -> None:

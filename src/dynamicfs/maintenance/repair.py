@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     Progress = Callable[[int, int, str], None]
 
 COMMIT_EVERY = 64
+# Extents a report lists (with their files); all are counted.
+MAX_LISTED = 1000
 READ_ERROR = "read found a bad or missing fragment"
 
 
@@ -189,7 +191,7 @@ def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | N
             continue
         outcome, detail = _rebuild_one(pool, item)
         counts[outcome] += 1
-        if outcome != "repaired" and outcome != "healthy":
+        if outcome not in ("repaired", "healthy") and len(problems) < MAX_LISTED:
             problems.append(RepairItem(item.extent_id, outcome, detail))
         if (n + 1) % commit_every == 0:
             pool.meta.commit()
