@@ -14,7 +14,7 @@ global one):
 and `/health` over HTTP from a thread, and `start_metrics_server(pool, address)` is
 what the mount daemon calls for `--metrics-address`.
 
-Heavy metadata queries (extents by state, fragments per disk) run on a read-only
+Heavy metadata queries (extents by state) run on a read-only
 connection (see health.Reader), so a scrape never holds the metadata lock while it
 counts; they see the last committed state, at most a group commit old. Their results
 are reused for ten times as long as they took to compute when that is more than
@@ -119,11 +119,8 @@ class PoolCollector(Collector):
         assert pool is not None
         db = health.reader(pool)
         tables = db.tables()
-        fragments = {int(d): int(n) for d, n in db.query(
-            "SELECT disk_id, count(*) FROM fragments GROUP BY disk_id")}
         return {
             "extents": health.count_extents(pool, db),
-            "fragments": fragments,
             "inodes": int(db.query("SELECT count(*) FROM inodes")[0][0]),
             "repair_queue": int(db.live("SELECT count(*) FROM repair_queue")[0][0]),
             "scrubs": [s for s in (health.manual_scrub(db, tables),
@@ -161,8 +158,6 @@ class PoolCollector(Collector):
                                      "Bytes the pool may store on the disk", labels=label)
         used = GaugeMetricFamily("dynamicfs_disk_used_bytes",
                                  "Bytes of fragments on the disk", labels=label)
-        fragments = GaugeMetricFamily("dynamicfs_disk_fragments",
-                                      "Fragments stored on the disk", labels=label)
         read_bytes = CounterMetricFamily("dynamicfs_disk_read_bytes",
                                          "Fragment bytes read from the disk by this process",
                                          labels=label)
@@ -187,7 +182,6 @@ class PoolCollector(Collector):
             except OSError:  # a vanished disk directory: no capacity to report
                 pass
             used.add_metric([disk], d.used)
-            fragments.add_metric([disk], figures["fragments"].get(d.id, 0))
             read_bytes.add_metric([disk], d.bytes_read)
             written_bytes.add_metric([disk], d.bytes_written)
             reads.add_metric([disk], d.reads)
@@ -195,8 +189,7 @@ class PoolCollector(Collector):
             errors.add_metric([disk, "read"], d.read_errors)
             errors.add_metric([disk, "write"], d.write_errors)
             errors.add_metric([disk, "checksum"], d.checksum_errors)
-        yield from (info, state, capacity, used, fragments, read_bytes, written_bytes, reads,
-                    writes, errors)
+        yield from (info, state, capacity, used, read_bytes, written_bytes, reads, writes, errors)
 
     def _extents(self, figures: dict[str, Any]) -> Iterator[Metric]:
         counts: health.ExtentCounts = figures["extents"]
