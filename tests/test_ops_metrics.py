@@ -233,3 +233,23 @@ def test_mounted_pool_serves_fuse_latency_and_health_through_its_daemon(
         assert value(parse(out), "dynamicfs_fuse_op_seconds_count", op="read") >= 1
         code, out, _ = run(capsys, "health", pool_dir, "--json")
         assert (code, json.loads(out)["status"]) == (0, "healthy")
+
+
+def test_dashboard_asks_only_for_exported_metrics(tmp_path: Path) -> None:
+    dashboard = json.loads((Path(__file__).parent.parent / "dashboards" /
+                            "dynamicfs-grafana.json").read_text())
+    pool_dir = make_pool(tmp_path, [None], policy="replicate:1")
+    with Pool.open(pool_dir) as pool:
+        families = list(text_string_to_metric_families(metrics.render(pool)))
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
+                "gauge": ("",), "info": ("_info",)}
+    exported = {f.name + s for f in families for s in suffixes.get(f.type, ("",))}
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    asked = set()
+    for panel in panels:
+        assert panel["targets"] and {"x", "y", "w", "h"} <= set(panel["gridPos"])
+        for target in panel["targets"]:
+            asked |= set(re.findall(r"\bdynamicfs_[a-z_]+", target["expr"]))
+    assert asked and asked <= exported, asked - exported
+    assert any("histogram_quantile" in t["expr"] for p in panels for t in p["targets"])
