@@ -576,13 +576,15 @@ class ExtentStore:
         wanted = [i for i in range(info.policy.width) if i not in keep]
         if not wanted:
             return "healthy"
-        if len(good) < info.policy.k:
-            self._top_up_good(info, keep, good)
-        if len(good) < info.policy.k:
-            raise UnreadableError(f"extent {extent_id}: {len(good)} of {info.policy.k} "
-                                  "needed good fragments left")
+        # A verified fragment that only has to move (evacuate) is copied as it is;
+        # the others are read only when something must be decoded.
         have = {i: good[i] for i in wanted if i in good}
         need = [i for i in wanted if i not in have]
+        if need and len(good) < info.policy.k:
+            self._top_up_good(info, keep, good)
+        if need and len(good) < info.policy.k:
+            raise UnreadableError(f"extent {extent_id}: {len(good)} of {info.policy.k} "
+                                  "needed good fragments left")
         if need:
             data = codecs.decode(info.policy, good, info.length)
             if blake3.blake3(data).digest() != info.checksum:
