@@ -377,11 +377,13 @@ class BackgroundScrub:
         if self._stopping.is_set() or self.cursor.mode != RUNNING:
             return
         info = self._queue.pop(0)
+        began = time.monotonic()
         check = scrub.check_extent(self.pool, info, self._disk_problems())
         verdict = self._judge(check)
         self._expected_ops = self._disk_ops()
+        # The bytes are charged from when the check began: the time spent reading counts.
         rate = self.rates[self.cursor.intensity]
-        self._next_slot = max(self._next_slot, time.monotonic()) + check.fragment_bytes / rate
+        self._next_slot = max(self._next_slot, began) + check.fragment_bytes / rate
         with self._lock:
             c = self.cursor
             c.position = info.id
