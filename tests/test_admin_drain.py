@@ -237,9 +237,10 @@ def test_interrupted_remove_disk_keeps_its_progress_and_resumes(
 
 def test_pool_stays_usable_while_a_disk_drains(tmp_path: Path) -> None:
     pool_dir = make_pool(tmp_path, [None] * 5, policy="replicate:3", extent_size=64 * 1024)
-    old = {"/old": data_of("old", 3 * MiB)}
-    write_files(pool_dir, old)
-    new = data_of("new", 2 * MiB)
+    old = data_of("old", 3 * MiB)
+    write_files(pool_dir, {"/old": old, "/gone": data_of("gone", 2 * MiB),
+                           "/edited": data_of("edited", 2 * MiB)})
+    new, patch = data_of("new", 2 * MiB), data_of("patch", MiB)
     with Pool.open(pool_dir) as pool:
         ns = Namespace(pool)
         errors: list[BaseException] = []
@@ -252,21 +253,37 @@ def test_pool_stays_usable_while_a_disk_drains(tmp_path: Path) -> None:
 
         worker = threading.Thread(target=drain)
         worker.start()
+        # While it drains: read, create, overwrite (the old extents are freed) and unlink.
         ino = ns.lookup(ROOT_INO, b"old").ino
-        reads = 0
-        while worker.is_alive() or reads == 0:
-            assert ns.read(ino, 0, len(old["/old"])) == old["/old"]
-            reads += 1
+        assert ns.read(ino, 0, len(old)) == old
         created = ns.create(ROOT_INO, b"new", 0o644, 0, 0).ino
         ns.write(created, 0, new)
         ns.fsync(created)
         ns.release(created)
+        edited = ns.lookup(ROOT_INO, b"edited").ino
+        ns.open(edited)
+        ns.write(edited, 0, patch)
+        ns.fsync(edited)
+        ns.release(edited)
+        ns.unlink(ROOT_INO, b"gone")
+        reads = 0
+        while worker.is_alive() or reads == 0:
+            assert ns.read(ino, 0, len(old)) == old
+            reads += 1
         worker.join()
         ns.close()
         assert errors == []
     assert sql(pool_dir, "SELECT count(*) FROM fragments WHERE disk_id = 2") == [(0,)]
     assert sql(pool_dir, "SELECT count(*) FROM disks WHERE id = 2") == [(0,)]
-    assert read_files(pool_dir, ["/old", "/new"]) == {**old, "/new": new}
+    assert sql(pool_dir, "SELECT count(*) FROM fragments "
+                         "WHERE extent_id NOT IN (SELECT id FROM extents)") == [(0,)]
+    assert sql(pool_dir, "SELECT d.id, d.used, coalesce(sum(f.size), 0) FROM disks d "
+                         "LEFT JOIN fragments f ON f.disk_id = d.id GROUP BY d.id "
+                         "HAVING d.used != coalesce(sum(f.size), 0)") == []
+    _no_extent_twice_on_a_disk(pool_dir)
+    _every_fragment_row_has_its_file(pool_dir)
+    expected = {"/old": old, "/new": new, "/edited": patch + data_of("edited", 2 * MiB)[MiB:]}
+    assert read_files(pool_dir, list(expected)) == expected
 
 
 def test_a_draining_disk_is_still_read_from(

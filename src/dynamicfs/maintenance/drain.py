@@ -4,10 +4,11 @@
 every extent the disk holds part of: each extent must keep at least its policy's
 minimum of fragments (DESIGN invariant 6) on distinct disks (invariant 1) with room
 for them, and must still be readable. `drain_disk` then marks the disk draining (no new
-fragments go there; it is still read from), re-creates its fragments one extent at a
-time through `ExtentStore.rebuild(evacuate=...)`, commits every DRAIN_COMMIT_EXTENTS
-extents or DRAIN_COMMIT_BYTES bytes so an interrupted drain resumes where it stopped,
-and finally deletes the disk's row and its label.
+fragments go there; it is still read from), re-creates its fragments through
+`ExtentStore.rebuild(evacuate=...)`, DRAIN_WORKERS extents at a time (a rebuild that
+finds its extent changed by the namespace meanwhile is void and tried again), commits
+every DRAIN_COMMIT_EXTENTS extents or DRAIN_COMMIT_BYTES bytes so an interrupted drain
+resumes where it stopped, and finally deletes the disk's row and its label.
 
 Invariant 7 is kept by the caller: a drain that would leave an extent below its
 minimum runs only when forced; the extents at stake are named in the plan and in
@@ -16,13 +17,15 @@ the result. Nothing here prints or knows about file paths.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from sqlite3 import Connection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from dynamicfs.disks import health
 from dynamicfs.disks.label import LABEL_NAME
@@ -39,6 +42,8 @@ Progress = Callable[[int, int, str], None]
 
 DRAIN_COMMIT_EXTENTS = 64
 DRAIN_COMMIT_BYTES = 256 * 1024 * 1024
+# Extents rebuilt at once: one's reads and hashing overlap another's writes.
+DRAIN_WORKERS = 4
 REPAIR_REASON = "under-redundant after disk {disk} left the pool"
 
 
@@ -179,7 +184,6 @@ def drain_disk(pool: Pool, disk_id: int, *, force: bool = False,
     # stays failed (it takes none either, and nothing can be read from it).
     if disk.readable and disk.state != health.DRAINING:
         _set_state(pool, disk_id, health.DRAINING, "being removed")
-    evacuate = frozenset({disk_id})
     with pool.meta.read() as conn:
         total = conn.execute("SELECT count(DISTINCT extent_id) FROM fragments WHERE disk_id = ?",
                              (disk_id,)).fetchone()[0]
@@ -189,37 +193,58 @@ def drain_disk(pool: Pool, disk_id: int, *, force: bool = False,
     if progress is not None:
         progress(0, total, "")
     # Passes repeat until a pass finds nothing new: a write that chose its disks just
-    # before the disk became draining may still land there. The last check and the
-    # removal run under the metadata lock, so no such write can be recorded between.
-    while True:
-        pending = _pending(pool, disk_id, unmovable)
-        if not pending:
-            with pool.meta.lock:
-                if _pending(pool, disk_id, unmovable):
+    # before the disk became draining may still land there, and an extent whose rebuild
+    # was void (the namespace changed it meanwhile) is tried again. The last check and
+    # the removal run under the metadata lock, so no such write can be recorded between.
+    with ThreadPoolExecutor(DRAIN_WORKERS, thread_name_prefix="dynamicfs-drain") as workers:
+        while True:
+            pending = _pending(pool, disk_id, unmovable)
+            if not pending:
+                with pool.meta.lock:
+                    if _pending(pool, disk_id, unmovable):
+                        continue
+                    result.extents = done
+                    pool.meta.commit()
+                    _settle_leftovers(pool, disk_id, force, result)
+                    if not result.stuck:
+                        _forget_disk(pool, disk_id, result)
+                    pool.meta.commit()
+                return result
+            for extent_id, (outcome, moved, nbytes) in _in_parallel(
+                    workers, pending, lambda e: _move_extent(pool, e, disk_id)):
+                if outcome == STALE:
                     continue
-                result.extents = done
-                pool.meta.commit()
-                _settle_leftovers(pool, disk_id, force, result)
-                if not result.stuck:
-                    _forget_disk(pool, disk_id, result)
-                pool.meta.commit()
-            return result
-        for extent_id in pending:
-            moved, nbytes = _move_extent(pool, extent_id, evacuate)
-            if moved is None:
-                unmovable.add(extent_id)
-            else:
+                if outcome == STUCK:
+                    unmovable.add(extent_id)
                 result.moved += moved
                 result.bytes_moved += nbytes
-            done += 1
-            total = max(total, done)
-            since_commit = (since_commit[0] + 1, since_commit[1] + nbytes)
-            if (since_commit[0] >= DRAIN_COMMIT_EXTENTS
-                    or since_commit[1] >= DRAIN_COMMIT_BYTES):
-                pool.meta.commit()
-                since_commit = (0, 0)
-            if progress is not None:
-                progress(done, total, f"extent {extent_id}")
+                done += 1
+                total = max(total, done)
+                since_commit = (since_commit[0] + 1, since_commit[1] + nbytes)
+                if (since_commit[0] >= DRAIN_COMMIT_EXTENTS
+                        or since_commit[1] >= DRAIN_COMMIT_BYTES):
+                    pool.meta.commit()
+                    since_commit = (0, 0)
+                if progress is not None:
+                    progress(done, total, f"extent {extent_id}")
+
+
+_T = TypeVar("_T")
+
+
+def _in_parallel(workers: ThreadPoolExecutor, items: list[int],
+                 fn: Callable[[int], _T]) -> Iterator[tuple[int, _T]]:
+    """fn(item) for each item on the workers, at most 2 per worker in flight, in order."""
+    window: collections.deque[tuple[int, Future[_T]]] = collections.deque()
+    limit = 2 * DRAIN_WORKERS
+    for item in items:
+        window.append((item, workers.submit(fn, item)))
+        if len(window) >= limit:
+            first, fut = window.popleft()
+            yield first, fut.result()
+    while window:
+        first, fut = window.popleft()
+        yield first, fut.result()
 
 
 def _pending(pool: Pool, disk_id: int, skip: set[int]) -> list[int]:
@@ -230,31 +255,36 @@ def _pending(pool: Pool, disk_id: int, skip: set[int]) -> list[int]:
     return [row[0] for row in rows if row[0] not in skip]
 
 
-def _move_extent(pool: Pool, extent_id: int, evacuate: frozenset[int]) -> tuple[int | None, int]:
-    """Rebuild one extent away from the disk: (fragments moved or None, bytes moved).
+MOVED, GONE, STUCK, STALE = "moved", "gone", "stuck", "stale"
 
-    Runs under the metadata lock so the namespace cannot free or replace the extent
-    while its fragments are being re-created (the lock is held for one extent only).
+
+def _move_extent(pool: Pool, extent_id: int, disk_id: int) -> tuple[str, int, int]:
+    """Rebuild one extent away from the disk: (outcome, fragments moved, bytes moved).
+
+    Outcomes: moved; gone (freed meanwhile, its rows went with it); stuck (a fragment
+    stays on the disk: no room elsewhere, or the extent cannot be read); stale (the
+    extent changed while it was rebuilt, nothing was done: try again).
     """
-    (disk_id,) = evacuate
-    with pool.meta.lock:
+    with pool.meta.read() as conn:
+        before = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM fragments "
+                              "WHERE extent_id = ? AND disk_id = ?",
+                              (extent_id, disk_id)).fetchone()
+    if not before[0]:
+        return GONE, 0, 0
+    try:
+        outcome = pool.store.rebuild(extent_id, evacuate=frozenset({disk_id}), verify=False)
+    except UnreadableError:
         with pool.meta.read() as conn:
-            if conn.execute("SELECT 1 FROM extents WHERE id = ?", (extent_id,)).fetchone() is None:
-                return 0, 0  # freed meanwhile; its fragment rows went with it
-            before = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM fragments "
-                                  "WHERE extent_id = ? AND disk_id = ?",
-                                  (extent_id, disk_id)).fetchone()
-        try:
-            pool.store.rebuild(extent_id, evacuate=evacuate, verify=False)
-        except UnreadableError:
-            return None, 0
-        with pool.meta.read() as conn:
-            after = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM fragments "
-                                 "WHERE extent_id = ? AND disk_id = ?",
-                                 (extent_id, disk_id)).fetchone()
-    if after[0]:
-        return None, 0
-    return int(before[0]), int(before[1])
+            exists = conn.execute("SELECT 1 FROM extents WHERE id = ?", (extent_id,)).fetchone()
+        return (STUCK if exists else GONE), 0, 0
+    if outcome == STALE:
+        return STALE, 0, 0
+    with pool.meta.read() as conn:
+        left = conn.execute("SELECT count(*) FROM fragments WHERE extent_id = ? AND disk_id = ?",
+                            (extent_id, disk_id)).fetchone()[0]
+    if left:
+        return STUCK, 0, 0
+    return MOVED, int(before[0]), int(before[1])
 
 
 def _settle_leftovers(pool: Pool, disk_id: int, force: bool, result: DrainResult) -> None:
