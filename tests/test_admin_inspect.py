@@ -163,3 +163,16 @@ def test_file_option_refuses_what_is_not_a_file(
     code, _, err = run(capsys, command, pool_dir, "--file", path)
     assert_one_line_error(code, err)
     assert message in err
+
+
+def test_status_shows_the_background_rebuild_of_a_mounted_pool(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pool_dir = make_pool(tmp_path, [None] * 3)
+    assert _status(capsys, pool_dir)["rebuild"] is None
+    # What the mount daemon's rebuilder writes while it works.
+    (pool_dir / "rebuild.json").write_text(json.dumps(
+        {"active": True, "started": 1.0, "total": 500, "done": 120, "failed": 2,
+         "rate": 30.0, "eta_seconds": 12.7, "updated": 5.0}))
+    assert _status(capsys, pool_dir)["rebuild"]["done"] == 120
+    code, out, _ = run(capsys, "status", pool_dir)
+    assert "rebuilding: 120 of 500 extents (30.0/s, about 13 s left), 2 failed" in out

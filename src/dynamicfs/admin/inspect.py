@@ -23,6 +23,7 @@ from dynamicfs.disks import health
 from dynamicfs.engine.pool import Pool
 from dynamicfs.errors import DynamicFSError
 from dynamicfs.maintenance.paths import PathResolver
+from dynamicfs.maintenance.rebuilder import RebuildState, read_state
 from dynamicfs.namespace.types import ROOT_INO
 from dynamicfs.placement.placement import usable_capacity
 from dynamicfs.redundancy.policy import AUTO, Policy, describe_auto, ec, parse_concrete, replicate
@@ -178,6 +179,7 @@ class Status:
     repair_queue: int
     files_at_risk: list[str] = field(default_factory=list)
     files_at_risk_total: int = 0
+    rebuild: RebuildState | None = None  # the mount daemon's background rebuild, if any
 
 
 @operation("status", writes=False)
@@ -209,7 +211,8 @@ def status(pool: Pool) -> Status:
         data_bytes=sum(e.length for e in extents),
         raw_capacity=sum(caps), raw_used=sum(d.used for d in disks), raw_free=sum(frees),
         usable=usable, repair_queue=queued,
-        files_at_risk=at_risk[:MAX_PATHS], files_at_risk_total=len(at_risk))
+        files_at_risk=at_risk[:MAX_PATHS], files_at_risk_total=len(at_risk),
+        rebuild=read_state(pool.path))
 
 
 # -- list-extents -------------------------------------------------------------------------

@@ -32,6 +32,12 @@ def _status_text(s: dict[str, Any]) -> None:
         click.echo(f"usable under {u['policy']}: {format_size(u['capacity'])}, "
                    f"{format_size(u['free'])} free")
     click.echo(f"repair queue: {s['repair_queue']} extents")
+    rebuild = s.get("rebuild")
+    if rebuild and rebuild["active"]:
+        left = rebuild["eta_seconds"]
+        eta = f", about {left:.0f} s left" if left is not None else ""
+        click.echo(f"rebuilding: {rebuild['done']} of {rebuild['total']} extents "
+                   f"({rebuild['rate']:.1f}/s{eta}), {rebuild['failed']} failed")
     if s["files_at_risk_total"]:
         click.echo(f"files at risk (unreadable extents): {s['files_at_risk_total']}")
         for path in s["files_at_risk"]:
