@@ -138,3 +138,13 @@ def test_an_extent_that_cannot_be_rebuilt_stays_queued_as_unreadable(
     with Pool.open(pool_dir) as pool, pool.meta.read() as conn:
         [(reason,)] = conn.execute("SELECT reason FROM repair_queue").fetchall()
     assert reason.startswith("unreadable:")
+
+
+def test_fragments_on_a_draining_disk_are_left_to_the_drain(tmp_path: Path) -> None:
+    pool_dir = make_pool(tmp_path, disks=7)
+    write_files(pool_dir, {"f": DATA})
+    with Pool.open(pool_dir) as pool:
+        set_disk_health(pool, "2", "draining")
+        assert pending_repairs(pool) == []
+        set_disk_health(pool, "2", "failed")
+        assert pending_repairs(pool)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dynamicfs.admin.disks import set_disk_health
+from dynamicfs.admin.integrity import scrub_status
 from dynamicfs.disks.label import LABEL_NAME
 from dynamicfs.engine.pool import Pool
 from dynamicfs.maintenance.scrub import scrub
@@ -124,6 +125,9 @@ def test_an_interrupted_scrub_resumes_where_it_stopped_unless_restarted(
     with Pool.open(pool_dir) as pool:
         first = scrub(pool, batch=3, stop_after=3)
     assert first.finished is None and first.checked == 3
+    with Pool.open(pool_dir) as pool:
+        status = scrub_status(pool)
+    assert status is not None and status["finished"] is None and status["checked"] == 3
     code, r = run_json(capsys, "scrub", str(pool_dir))
     assert r["resumed"] and r["finished"]
     assert r["checked"] == EXTENTS  # 3 before the interruption, 7 now

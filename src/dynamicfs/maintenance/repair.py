@@ -8,6 +8,7 @@ What needs repair:
 - extents with a fragment on a failed disk or on a disk the pool no longer has,
 - extents stored with fewer fragments than their policy (DESIGN invariant 6: a write
   with too few healthy disks records them; repair completes them when disks allow).
+  Fragments on a draining disk count as present: moving them is the drain's work.
 
 `rebuild_pending` works through them with ExtentStore.rebuild, the extent with the
 fewest fragments to spare first, and commits every COMMIT_EVERY extents, so it can run
@@ -118,7 +119,10 @@ def under_redundant(conn: Connection, counting: list[int]) -> dict[int, int]:
 def pending_repairs(pool: Pool) -> list[PendingExtent]:
     """Everything that needs repair, fewest fragments to spare first."""
     persist_repair_wanted(pool)
-    counting = counting_disks(pool)
+    # Fragments on draining disks are intact and readable: moving them is the drain's
+    # work, so here they count as present.
+    counting = sorted({*counting_disks(pool), *(d.id for d in pool.disks.values()
+                                                 if d.state == health.DRAINING)})
     failed = sorted(d.id for d in pool.disks.values() if d.state == health.FAILED)
     with pool.meta.read() as conn:
         short = under_redundant(conn, counting)
