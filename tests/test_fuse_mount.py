@@ -219,7 +219,10 @@ def test_admin_commands_reach_the_mounted_pool(pool: Mount, tmp_path: Path) -> N
     assert len(json.loads(cli("list-disks", pool.pool, "--json").stdout)) == 5
     (pool / "wide").mkdir()
     os.setxattr(pool / "wide", "user.dynamicfs.policy", b"replicate:5")
-    (pool / "wide" / "f").write_bytes(b"five copies")
+    with open(pool / "wide" / "f", "wb") as f:
+        f.write(b"five copies")
+        f.flush()
+        os.fsync(f.fileno())  # stored: the layout shows it
     layout = os.getxattr(pool / "wide" / "f", "user.dynamicfs.layout").decode()
     assert f"@disk{added['id']}" in layout and layout.count("@disk") == 5
 

@@ -41,6 +41,14 @@ def getfattr(path: Path, name: str) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync: the layout xattr shows extents once they are stored."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def layout(path: Path) -> list[tuple[int, str, list[int]]]:
     """(chunk, policy, disks of its fragments) per extent, from user.dynamicfs.layout."""
     out = []
@@ -69,7 +77,7 @@ def test_directory_policy_is_inherited_by_new_files(fs: Mount) -> None:
     subprocess.run(["setfattr", "-n", POLICY, "-v", "ec:4+2", str(d)], check=True)
     (d / "sub").mkdir()
     data = random.Random(1).randbytes(3 * MiB)  # under 4 MiB: auto would say replicate:3
-    (d / "sub" / "f").write_bytes(data)
+    write_synced(d / "sub" / "f", data)
     assert getfattr(d / "sub", POLICY) == "ec:4+2"
     assert getfattr(d / "sub" / "f", POLICY) == "ec:4+2"
     extents = layout(d / "sub" / "f")
@@ -103,7 +111,7 @@ def test_invalid_policy_is_refused_with_einval_and_changes_nothing(fs: Mount) ->
             os.setxattr(d, POLICY, bad)
         assert info.value.errno == errno.EINVAL, bad
     assert getfattr(d, POLICY) == "replicate:2"
-    (d / "f").write_bytes(b"y" * 5000)
+    write_synced(d / "f", b"y" * 5000)
     assert [p for _c, p, _d in layout(d / "f")] == ["replicate:2"]
 
 
@@ -111,7 +119,7 @@ def test_layout_lists_every_extent_and_is_read_only(fs: Mount) -> None:
     d = fs / "two"
     d.mkdir()
     os.setxattr(d, POLICY, b"replicate:2")
-    (d / "f").write_bytes(random.Random(2).randbytes(2 * MiB + MiB // 2))
+    write_synced(d / "f", random.Random(2).randbytes(2 * MiB + MiB // 2))
     extents = layout(d / "f")
     assert [c for c, _p, _disks in extents] == [0, 1, 2]
     for _chunk, policy, disks in extents:
