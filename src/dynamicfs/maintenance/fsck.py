@@ -34,7 +34,7 @@ from dynamicfs.disks.directory import FRAGMENT_DIR
 from dynamicfs.engine.pool import ID_BITS, mount_info
 from dynamicfs.errors import DynamicFSError, UnreadableError
 from dynamicfs.maintenance.paths import ROOT_INO, PathResolver
-from dynamicfs.maintenance.scrub import blocker_note, check_disks, repair_blockers
+from dynamicfs.maintenance.scrub import blocker_note, check_disks, rebuild, repair_blockers
 from dynamicfs.redundancy.policy import parse_concrete
 
 if TYPE_CHECKING:
@@ -341,12 +341,12 @@ class _Fsck:
                              "run 'dynamicfs fsck --repair' or 'dynamicfs repair'")
                 continue
             try:
-                outcome = pool.store.rebuild(extent_id)
+                outcome = rebuild(pool, extent_id)
             except (UnreadableError, DynamicFSError, OSError) as exc:
                 self.problem("fragment-file", f"{detail}; rebuild failed: {exc}", paths=paths,
                              hint="restore these files from a copy")
                 continue
-            done = outcome in ("repaired", "healthy")
+            done = outcome in ("repaired", "healthy", "gone")
             self.problem("fragment-file", detail + ("" if done else f"; rebuild {outcome}"),
                          paths=paths, repaired=done,
                          hint="" if done else "add disks or free space, then 'dynamicfs repair'")

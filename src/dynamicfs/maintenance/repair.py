@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from dynamicfs.disks import health
 from dynamicfs.errors import DynamicFSError, UnreadableError
 from dynamicfs.maintenance.paths import PathResolver
-from dynamicfs.maintenance.scrub import blocker_note, repair_blockers
+from dynamicfs.maintenance.scrub import blocker_note, rebuild, repair_blockers
 from dynamicfs.redundancy.policy import parse_concrete
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | N
 
 def _rebuild_one(pool: Pool, item: PendingExtent) -> tuple[str, str]:
     try:
-        outcome = pool.store.rebuild(item.extent_id)
+        outcome = rebuild(pool, item.extent_id)
     except UnreadableError as exc:
         _requeue(pool, item.extent_id, f"unreadable: {exc}")
         return "unreadable", str(exc)
@@ -223,9 +223,13 @@ def _rebuild_one(pool: Pool, item: PendingExtent) -> tuple[str, str]:
         return "stuck", str(exc)
     if outcome == "repaired":
         return "repaired", ""
-    if outcome == "healthy":
+    if outcome in ("healthy", "gone"):
         _dequeue(pool, item.extent_id)
         return "healthy", ""
+    if outcome == "stale":
+        detail = "the extent kept changing while being rebuilt; it stays queued"
+        _requeue(pool, item.extent_id, f"{item.reason}; {detail}")
+        return "stuck", detail
     detail = "not enough healthy disks with room for every fragment"
     _requeue(pool, item.extent_id, f"{item.reason}; {detail}")
     return ("partial" if outcome == "partial" else "stuck"), detail

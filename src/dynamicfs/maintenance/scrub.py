@@ -433,17 +433,35 @@ def _judge(pool: Pool, state: ScrubState, check: ExtentCheck, repair: bool,
                          "VALUES (?, ?, ?)", (check.extent_id, f"scrub: {detail}"[:500], now))
 
 
+REBUILD_TRIES = 3
+
+
+def rebuild(pool: Pool, extent_id: int) -> str:
+    """ExtentStore.rebuild, tried again while it reports 'stale' (the extent changed
+    under it, nothing done); 'gone' when the extent was freed meanwhile."""
+    outcome = "stale"
+    for _ in range(REBUILD_TRIES):
+        if load_extent(pool, extent_id) is None:
+            return "gone"
+        outcome = pool.store.rebuild(extent_id)
+        if outcome != "stale":
+            break
+    return outcome
+
+
 def _repair(pool: Pool, check: ExtentCheck) -> tuple[str, str]:
     try:
-        outcome = pool.store.rebuild(check.extent_id)
+        outcome = rebuild(pool, check.extent_id)
     except UnreadableError as exc:
         return UNREADABLE, f"{check.detail}; repair failed: {exc}"
     except (DynamicFSError, OSError) as exc:
         return UNDER_REDUNDANT, f"{check.detail}; repair failed: {exc}"
     if outcome == "repaired":
         return REPAIRED, check.detail
-    if outcome == "healthy":
+    if outcome in ("healthy", "gone"):
         return HEALTHY, ""
+    if outcome == "stale":
+        return UNDER_REDUNDANT, f"{check.detail}; the extent kept changing while being repaired"
     return UNDER_REDUNDANT, (f"{check.detail}; repair {outcome}: not enough healthy disks "
                              "with room for every fragment")
 
