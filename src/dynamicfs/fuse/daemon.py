@@ -309,7 +309,15 @@ def serve(pool: Path, mountpoint: Path, options: MountOptions, *, foreground: bo
     _share_log_with_pyfuse3()
     # Until the event loop listens for them, SIGTERM/SIGINT wait (threads started from
     # here on inherit the mask): a signal during start-up must not leave a dead mount.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        return _serve_pool(pool_dir, mnt, options, ready)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
+                ready: Callable[[], None]) -> int:
     pool_obj = Pool.open(pool_dir)
     try:
         namespace = Namespace(pool_obj)
@@ -327,6 +335,8 @@ def serve(pool: Path, mountpoint: Path, options: MountOptions, *, foreground: bo
                     pid=os.getpid())
                 trio.run(_serve_fuse, mnt, ready)
             finally:
+                # A second Ctrl-C or SIGTERM must not cut the flush short.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
                 if stop_metrics is not None:
                     stop_metrics()
                 control.stop()
