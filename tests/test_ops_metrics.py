@@ -253,3 +253,24 @@ def test_dashboard_asks_only_for_exported_metrics(tmp_path: Path) -> None:
             asked |= set(re.findall(r"\bdynamicfs_[a-z_]+", target["expr"]))
     assert asked and asked <= exported, asked - exported
     assert any("histogram_quantile" in t["expr"] for p in panels for t in p["targets"])
+
+
+def test_health_reports_metadata_copy_generations_and_scrubs(tmp_path: Path) -> None:
+    pool_dir = make_pool(tmp_path, [None] * 3, policy="replicate:2", extent_size=64 * KiB)
+    write_files(pool_dir, {"/f": data_of("f", 256 * KiB)})
+    with Pool.open(pool_dir) as pool:
+        never = registry.run(pool, "health", {})
+        assert never["metadata_generation"] is None and never["metadata_copies"] == []
+        assert any("never been scrubbed" in w for w in never["warnings"])
+        registry.run(pool, "copy-metadata", {})
+        registry.run(pool, "copy-metadata", {})
+        registry.run(pool, "scrub", {})
+        report = registry.run(pool, "health", {})
+    generation = report["metadata_generation"]["generation"]
+    assert generation == 2
+    assert report["metadata_copies"] and all(
+        c["newest"] == generation and c["generations"] == [1, 2]
+        for c in report["metadata_copies"])
+    scrubbed = report["last_scrub"]
+    assert (scrubbed["kind"], scrubbed["checked"], scrubbed["in_progress"]) == ("manual", 4, False)
+    assert report["status"] == "healthy" and report["warnings"] == []
