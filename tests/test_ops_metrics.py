@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -180,12 +181,18 @@ def test_metrics_and_health_commands_offline(tmp_path: Path,
     assert "UNREADABLE" in out and "/a/file" in out
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextmanager
-def mounted(pool_dir: Path, mnt: Path) -> Iterator[Path]:
+def mounted(pool_dir: Path, mnt: Path, *options: str) -> Iterator[Path]:
     mnt.mkdir()
     cli = [sys.executable, "-m", "dynamicfs.cli.main"]
-    subprocess.run([*cli, "mount", str(pool_dir), str(mnt)], check=True, capture_output=True,
-                   timeout=120)
+    subprocess.run([*cli, "mount", str(pool_dir), str(mnt), *options], check=True,
+                   capture_output=True, timeout=120)
     try:
         yield mnt
     finally:
@@ -218,8 +225,12 @@ def metrics_server_program(pool_dir: Path) -> Iterator[str]:
 def test_mounted_pool_serves_fuse_latency_and_health_through_its_daemon(
         tmp_path: Path, fuse_available: None, capsys: pytest.CaptureFixture[str]) -> None:
     pool_dir = make_pool(tmp_path, [None] * 3, policy="replicate:2", extent_size=64 * KiB)
-    with mounted(pool_dir, tmp_path / "mnt") as mnt:
+    port = free_port()
+    with mounted(pool_dir, tmp_path / "mnt", "--metrics-address", f"127.0.0.1:{port}") as mnt:
         (mnt / "file").write_bytes(data_of("file", 300 * KiB))
+        from_daemon = scrape(f"http://127.0.0.1:{port}")
+        assert value(from_daemon, "dynamicfs_fuse_op_seconds_count", op="create") == 1
+        assert get_json(f"http://127.0.0.1:{port}/health")[0] == 200
         with metrics_server_program(pool_dir) as url:
             samples = scrape(url)
             assert value(samples, "dynamicfs_fuse_op_seconds_count", op="write") >= 1
