@@ -55,8 +55,8 @@ class Reader:
 
     def __init__(self, meta: MetaStore) -> None:
         self.meta = meta
-        self.conn = sqlite3.connect(f"file:{meta.path}?mode=ro", uri=True,
-                                    check_same_thread=False)
+        uri = Path(meta.path).absolute().as_uri() + "?mode=ro"  # as_uri escapes ? # %
+        self.conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
         self.lock = threading.Lock()
 
     def query(self, sql: str, params: Iterable[object] = ()) -> list[tuple[Any, ...]]:
