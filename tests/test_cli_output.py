@@ -58,3 +58,17 @@ def test_remove_disk_on_a_terminal_shows_progress_and_a_summary(tmp_path: Path) 
     finally:
         os.close(leader)
     assert b"removed disk 1" in output
+
+
+def test_a_long_table_is_printed_as_plain_columns(tmp_path: Path) -> None:
+    pool_dir = make_pool(tmp_path, [None], policy="replicate:1", extent_size=4096)
+    write_files(pool_dir, {"/many": data_of("many", 2100 * 4096)})
+
+    done = run_program("list-extents", pool_dir)
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["extent", "file", "chunk", "length", "policy", "fragments",
+                                "state"]
+    assert len(lines) == 2101
+    assert lines[-1].split()[1:] == ["/many", "2099", "4096", "replicate:1", "1/1", "healthy"]

@@ -241,6 +241,7 @@ def list_extents(pool: Pool, file: str | None = None) -> list[ExtentRow]:
             refs = conn.execute("SELECT ino, chunk, extent_id FROM file_extents").fetchall()
             by_id = {e.id: e for e in extent_health(conn)}
         namer = PathResolver(conn)
+        names: dict[int, str] = {}
         rows: list[ExtentRow] = []
         referenced = set()
         for ino, chunk, extent_id in refs:
@@ -248,7 +249,9 @@ def list_extents(pool: Pool, file: str | None = None) -> list[ExtentRow]:
             if e is None:
                 continue
             referenced.add(extent_id)
-            rows.append(ExtentRow(e.id, namer.paths(ino)[0], chunk, e.length, str(e.policy),
+            if ino not in names:
+                names[ino] = namer.paths(ino)[0]
+            rows.append(ExtentRow(e.id, names[ino], chunk, e.length, str(e.policy),
                                   e.counting, e.policy.width, e.state))
         if file is None:
             rows += [ExtentRow(e.id, "", None, e.length, str(e.policy), e.counting,

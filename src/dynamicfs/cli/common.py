@@ -119,11 +119,27 @@ def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
+# rich lays out a table in time that grows faster than its rows (minutes for 200,000);
+# longer tables are printed as plain aligned columns.
+RICH_ROWS = 2000
+
+
 def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
     """A table on stdout; wrapped to the terminal, never wrapped when piped."""
+    if len(rows) > RICH_ROWS:
+        _print_plain(title, columns, [[str(c) for c in row] for row in rows])
+        return
     table = Table(title=title, show_lines=False, header_style="bold")
     for col in columns:
         table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*[str(c) for c in row])
     Console(width=_stdout_width()).print(table)
+
+
+def _print_plain(title: str | None, columns: list[str], rows: list[list[str]]) -> None:
+    widths = [max([len(col)] + [len(row[i]) for row in rows]) for i, col in enumerate(columns)]
+    out = [title] if title else []
+    for line in [columns, *rows]:
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    click.echo("\n".join(out))
