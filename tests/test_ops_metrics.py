@@ -4,6 +4,7 @@ from a real mount through its control socket."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -227,7 +228,9 @@ def test_mounted_pool_serves_fuse_latency_and_health_through_its_daemon(
     pool_dir = make_pool(tmp_path, [None] * 3, policy="replicate:2", extent_size=64 * KiB)
     port = free_port()
     with mounted(pool_dir, tmp_path / "mnt", "--metrics-address", f"127.0.0.1:{port}") as mnt:
-        (mnt / "file").write_bytes(data_of("file", 300 * KiB))
+        with open(mnt / "file", "wb") as f:
+            f.write(data_of("file", 300 * KiB))
+            os.fsync(f.fileno())  # the fragments are written once this returns
         from_daemon = scrape(f"http://127.0.0.1:{port}")
         assert value(from_daemon, "dynamicfs_fuse_op_seconds_count", op="create") == 1
         assert get_json(f"http://127.0.0.1:{port}/health")[0] == 200
