@@ -5,6 +5,7 @@ being interrupted."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -294,4 +295,26 @@ def test_a_draining_disk_is_still_read_from(
     assert run(capsys, "set-disk-health", pool_dir, "1", "draining")[0] == 0
     assert run(capsys, "fail-disk", pool_dir, "2")[0] == 0
     assert run(capsys, "fail-disk", pool_dir, "3")[0] == 0  # disk 1 still serves reads
+    assert read_files(pool_dir, list(files)) == files
+
+
+def test_removing_a_dead_disk_rebuilds_its_fragments_from_the_others(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pool_dir = make_pool(tmp_path, [None] * 4, policy="replicate:3")
+    files = {"/f": data_of("f", MiB), "/g": data_of("g", 10_000)}
+    write_files(pool_dir, files)
+    on_disk = sql(pool_dir, "SELECT count(*) FROM fragments WHERE disk_id = 1")[0][0]
+    assert on_disk > 0
+    shutil.rmtree(tmp_path / "disk0")
+    assert run(capsys, "probe-disks", pool_dir)[0] == 0
+    assert sql(pool_dir, "SELECT state FROM disks WHERE id = 1") == [("failed",)]
+
+    code, out, err = run(capsys, "remove-disk", pool_dir, "1", "--json")
+
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["removed"] and not report["label_removed"]
+    assert report["under_redundant"] == report["below_minimum"] == 0
+    status = json.loads(run(capsys, "status", pool_dir, "--json")[1])
+    assert status["extents"] == status["healthy"]
     assert read_files(pool_dir, list(files)) == files
