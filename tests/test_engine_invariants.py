@@ -20,6 +20,7 @@ from dynamicfs.admin.disks import set_disk_health
 from dynamicfs.disks import fragment as fragfmt
 from dynamicfs.disks.directory import DirectoryDisk
 from dynamicfs.disks.faulty import FaultRule, FaultyDisk
+from dynamicfs.engine import store as engine_store
 from dynamicfs.engine.pool import Pool
 from dynamicfs.errors import FsError, NoSpaceError, UnreadableError
 from dynamicfs.redundancy.policy import Policy, replicate
@@ -64,8 +65,11 @@ def test_no_two_fragments_of_an_extent_share_a_disk(make_pool: MakePool, disks: 
 
 
 @pytest.mark.parametrize("disks", [6, 7])
-def test_rebuild_keeps_fragments_of_an_extent_on_distinct_disks(make_pool: MakePool,
-                                                                  disks: int) -> None:
+def test_rebuild_keeps_fragments_of_an_extent_on_distinct_disks(
+        make_pool: MakePool, disks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # So many lost fragments would make disks suspect (and no longer take the rebuilt
+    # fragments); this test is about where rebuilt fragments go, so keep them healthy.
+    monkeypatch.setattr(engine_store, "SUSPECT_AFTER", 10**6)
     pool = make_pool(disks)
     rng = random.Random(disks)
     items = [(d, EC42 if i % 2 else REP3) for i, d in enumerate(data_for(rng, 30))]

@@ -216,6 +216,11 @@ class Pool:
                 self.backends[disk_id] = DirectoryDisk(info.path)
         for gone in set(self.backends) - set(disks):
             del self.backends[gone]
+        store = getattr(self, "store", None)
+        for disk_id, info in disks.items():
+            old = self.disks.get(disk_id)
+            if store is not None and old is not None and old.state != info.state:
+                store.forget_errors(disk_id)
         self.disks = disks
 
     def healthy_disks(self) -> list[DiskInfo]:

@@ -45,8 +45,9 @@ if TYPE_CHECKING:
 
 CACHE_BYTES = 64 * 1024 * 1024
 STATVFS_TTL = 1.0
-# A healthy disk with this many errors within SUSPECT_WINDOW seconds becomes suspect.
-SUSPECT_AFTER = 8
+# A healthy disk with this many errors within SUSPECT_WINDOW seconds becomes suspect
+# (ZFS's diagnosis engine uses the same 10 errors in 10 minutes).
+SUSPECT_AFTER = 10
 SUSPECT_WINDOW = 600.0
 # Bytes of fragments queued for one disk before they go to a writer thread.
 WRITE_BATCH = 256 * 1024
@@ -121,14 +122,22 @@ class ExtentStore:
                                            thread_name_prefix="dynamicfs-io")
         self.cache = ExtentCache()
         self._unsynced: dict[int, list[int]] = collections.defaultdict(list)
-        self._unsynced_lock = threading.Lock()
+        # Guards _unsynced; a sync in flight (_syncing) makes other syncs wait, and a
+        # failed one (_sync_failed) fails the next before-commit sync, so no transaction
+        # naming its fragments can commit (invariant 3); a rollback clears it.
+        self._unsynced_lock = threading.Condition()
+        self._syncing = False
+        self._sync_failed = False
         self._busy: collections.Counter[int] = collections.Counter()
         self._statvfs: dict[int, tuple[float, int]] = {}
         self.repair_wanted: set[int] = set()
         self.stats: collections.Counter[str] = collections.Counter()
         self._recent_errors: dict[int, collections.deque[float]] = {}
+        self._counted: set[tuple[int, int]] = set()
         self._repair_lock = threading.Lock()
+        self.meta.presync.append(self.sync_pending)
         self.meta.before_commit.append(self.sync_pending)
+        self.meta.after_rollback.append(self._forget_sync_failure)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -327,11 +336,32 @@ class ExtentStore:
                 pass  # left behind as an orphan, for the garbage collector
 
     def sync_pending(self) -> None:
-        """Before-commit hook: make every fragment written since the last commit durable."""
+        """Make every fragment written since the last sync durable (commit hook)."""
         with self._unsynced_lock:
+            while self._syncing:
+                self._unsynced_lock.wait()
+            if self._sync_failed:
+                raise FsError(errno.EIO, "a fragment sync failed; the changes that named "
+                                         "its fragments are rolled back")
             pending, self._unsynced = self._unsynced, collections.defaultdict(list)
-        if not pending:
-            return
+            if not pending:
+                return
+            self._syncing = True
+        synced = False
+        try:
+            self._sync(pending)
+            synced = True
+        finally:
+            with self._unsynced_lock:
+                self._syncing = False
+                self._sync_failed = self._sync_failed or not synced
+                self._unsynced_lock.notify_all()
+
+    def _forget_sync_failure(self) -> None:
+        with self._unsynced_lock:
+            self._sync_failed = False
+
+    def _sync(self, pending: dict[int, list[int]]) -> None:
         by_device: dict[int, list[int]] = collections.defaultdict(list)
         for disk_id in pending:
             try:
@@ -423,10 +453,10 @@ class ExtentStore:
         try:
             raw = backend.read_fragment(row.id)
         except FileNotFoundError:
-            self.note_disk_error(row.disk_id, "missing", f"fragment {row.id:x} missing")
+            self.note_disk_error(row.disk_id, "missing", f"fragment {row.id:x} missing", row.id)
             return None, f"fragment {row.index} missing on disk {row.disk_id}"
         except OSError as exc:
-            self.note_disk_error(row.disk_id, "read", str(exc))
+            self.note_disk_error(row.disk_id, "read", str(exc), row.id)
             return None, f"fragment {row.index} unreadable on disk {row.disk_id}: {exc.strerror}"
         finally:
             self._busy[row.disk_id] -= 1
@@ -441,17 +471,25 @@ class ExtentStore:
             if head.checksum != row.checksum:
                 raise fragfmt.FragmentError("checksum differs from the metadata")
         except fragfmt.FragmentError as exc:
-            self.note_disk_error(row.disk_id, "checksum", str(exc))
+            self.note_disk_error(row.disk_id, "checksum", str(exc), row.id)
             return None, f"fragment {row.index} on disk {row.disk_id}: {exc}"
         return bytes(payload), ""
 
     # -- health bookkeeping ------------------------------------------------------
-    def note_disk_error(self, disk_id: int, kind: str, detail: str) -> None:
+    def note_disk_error(self, disk_id: int, kind: str, detail: str,
+                        fragment_id: int | None = None) -> None:
         """Count an error against a disk; past the threshold a healthy disk turns suspect
-        (no new fragments; the background rebuilder moves its data away)."""
+        (no new fragments; the background rebuilder moves its data away). A fragment
+        found bad again (re-read by a retry, a scrub or a rebuild) counts only once."""
         info = self.pool.disks.get(disk_id)
         if info is None:
             return
+        if fragment_id is not None:
+            if (disk_id, fragment_id) in self._counted:
+                return
+            if len(self._counted) > 100_000:
+                self._counted.clear()
+            self._counted.add((disk_id, fragment_id))
         column = {"write": "write_errors", "checksum": "checksum_errors",
                   "read": "read_errors", "missing": "read_errors"}[kind]
         setattr(info, column, getattr(info, column) + 1)
@@ -473,6 +511,10 @@ class ExtentStore:
         if suspect:
             recent.clear()
             warn("disk is now suspect", disk=disk_id, reason=info.reason)
+
+    def forget_errors(self, disk_id: int) -> None:
+        """An operator reset the disk's state: its error window starts afresh."""
+        self._recent_errors.pop(disk_id, None)
 
     def want_repair(self, extent_id: int) -> None:
         with self._repair_lock:

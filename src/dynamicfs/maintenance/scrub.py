@@ -260,10 +260,10 @@ def _read_fragment(pool: Pool, info: ExtentInfo, row: FragmentRow
     try:
         raw = pool.backends[row.disk_id].read_fragment(row.id)
     except FileNotFoundError:
-        pool.store.note_disk_error(row.disk_id, "missing", f"fragment {row.id:x} missing")
+        pool.store.note_disk_error(row.disk_id, "missing", f"fragment {row.id:x} missing", row.id)
         return None, 0, "missing"
     except OSError as exc:
-        pool.store.note_disk_error(row.disk_id, "read", str(exc))
+        pool.store.note_disk_error(row.disk_id, "read", str(exc), row.id)
         return None, 0, f"unreadable ({exc.strerror})"
     disk.reads += 1
     disk.bytes_read += len(raw)
@@ -276,7 +276,8 @@ def _read_fragment(pool: Pool, info: ExtentInfo, row: FragmentRow
         if len(raw) != row.size:
             raise fragfmt.FragmentError(f"{len(raw)} bytes, the metadata says {row.size}")
     except fragfmt.FragmentError as exc:
-        pool.store.note_disk_error(row.disk_id, "checksum", f"fragment {row.id:x}: {exc}")
+        pool.store.note_disk_error(row.disk_id, "checksum", f"fragment {row.id:x}: {exc}",
+                                    row.id)
         return None, len(raw), f"corrupt ({exc})"
     return bytes(payload), len(raw), ""
 

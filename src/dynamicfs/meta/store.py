@@ -46,6 +46,7 @@ class MetaStore:
         self._in_tx = False
         self._depth = 0
         self.before_commit: list[Callable[[], None]] = []
+        self.presync: list[Callable[[], None]] = []
         self.after_rollback: list[Callable[[], None]] = []
         self._after_commit: list[Callable[[], None]] = []
         self.commits = 0
@@ -121,7 +122,20 @@ class MetaStore:
         return self._in_tx
 
     def commit(self) -> None:
-        """Make every change so far durable, fragments first (invariant 3)."""
+        """Make every change so far durable, fragments first (invariant 3).
+
+        The presync hooks run first without the lock, so the bulk of the fragment syncing
+        does not stop other threads; the before-commit hooks then finish the job under
+        the lock (a sync still in flight makes them wait; a failed one makes them fail).
+        """
+        if self._in_tx and self.presync:
+            try:
+                for hook in self.presync:
+                    hook()
+            except BaseException:
+                with self.lock:
+                    self.rollback()
+                raise
         with self.lock:
             if not self._in_tx:
                 return

@@ -128,7 +128,7 @@ class Namespace:
                 self._enqueue_dirty(ino, st)
             while any(st.pending for st in self.files.values()):
                 self.cond.wait()
-            self.meta.commit()
+        self.meta.commit()
 
     def _remove_unlinked(self) -> None:
         with self._change() as conn:
@@ -577,7 +577,8 @@ class Namespace:
                 self._enqueue_dirty(ino, st)
                 while st.pending:
                     self.cond.wait()
-            self.meta.commit()
+        self.meta.commit()
+        with self.lock:
             if st is not None and st.error:
                 code, st.error = st.error, 0
                 raise FsError(code)
@@ -889,8 +890,8 @@ class Namespace:
                     for ino, st in list(self.files.items()):
                         if st.opens == 0:
                             self._enqueue_dirty(ino, st)
-                    if self.meta.dirty:
-                        self.meta.commit()
+                if self.meta.dirty:
+                    self.meta.commit()
             except Exception as exc:
                 error("periodic commit failed", reason=repr(exc))
 
