@@ -46,6 +46,7 @@ from dynamicfs.control.server import ControlServer
 from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, is_pool
 from dynamicfs.errors import DynamicFSError, PoolBusyError, PoolError
 from dynamicfs.fuse.adapter import Operations
+from dynamicfs.maintenance.rebuilder import BackgroundRebuild
 from dynamicfs.meta.store import DB_NAME
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.observability.log import LEVELS, LOG_DIR, configure_for_pool, error, log
@@ -324,11 +325,13 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
         try:
             opts = fuse_options(pool_dir, options)
             _mount_fuse(Operations(namespace), mnt, opts)
+            rebuilder = BackgroundRebuild(pool_obj)
             control = ControlServer(pool_obj, before_op=lambda name: namespace.sync_all())
             stop_metrics: Callable[[], None] | None = None
             try:
                 _write_mount_files(pool_dir, mnt, opts)
                 control.start()
+                rebuilder.start()
                 if options.metrics_address:
                     stop_metrics = start_metrics_server(pool_obj, options.metrics_address)
                 log("mounted", pool=str(pool_dir), mountpoint=str(mnt), options=sorted(opts),
@@ -340,6 +343,7 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
                 if stop_metrics is not None:
                     stop_metrics()
                 control.stop()
+                rebuilder.stop()
                 pyfuse3.close(unmount=True)
                 log("unmounted", mountpoint=str(mnt))
         finally:
