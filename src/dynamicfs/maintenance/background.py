@@ -374,17 +374,19 @@ class BackgroundScrub:
                 return
         self._wait_for_quiet()
         self._wait_for_rate()
-        if self._stopping.is_set() or self.cursor.mode != RUNNING:
-            return
-        info = self._queue.pop(0)
-        began = time.monotonic()
-        check = scrub.check_extent(self.pool, info, self._disk_problems())
-        verdict = self._judge(check)
-        self._expected_ops = self._disk_ops()
-        # The bytes are charged from when the check began: the time spent reading counts.
-        rate = self.rates[self.cursor.intensity]
-        self._next_slot = max(self._next_slot, began) + check.fragment_bytes / rate
+        # Under the lock: a command waits for the extent under way, so once `pause` or
+        # `stop` has answered, the cursor does not move.
         with self._lock:
+            if self._stopping.is_set() or self.cursor.mode != RUNNING:
+                return
+            info = self._queue.pop(0)
+            began = time.monotonic()
+            check = scrub.check_extent(self.pool, info, self._disk_problems())
+            verdict = self._judge(check)
+            self._expected_ops = self._disk_ops()
+            # The bytes are charged from when the check began: reading time counts.
+            rate = self.rates[self.cursor.intensity]
+            self._next_slot = max(self._next_slot, began) + check.fragment_bytes / rate
             c = self.cursor
             c.position = info.id
             c.pass_checked += 1
