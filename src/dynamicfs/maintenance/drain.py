@@ -45,6 +45,10 @@ DRAIN_COMMIT_BYTES = 256 * 1024 * 1024
 # Extents rebuilt at once: one's reads and hashing overlap another's writes.
 DRAIN_WORKERS = 4
 REPAIR_REASON = "under-redundant after disk {disk} left the pool"
+# What became of one extent (_move_extent).
+MOVED, GONE, STUCK, STALE = "moved", "gone", "stuck", "stale"
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -175,8 +179,9 @@ def drain_disk(pool: Pool, disk_id: int, *, force: bool = False,
 
     Without `force`, an extent that would be left below its policy's minimum keeps its
     fragment on the disk and the disk stays in the pool, draining (`stuck`); with
-    `force` such extents lose that fragment (`below_minimum`). Extents left with at least their
-    minimum but fewer than their width go to the repair queue (`under_redundant`).
+    `force` such extents lose that fragment (`below_minimum`). Extents left with at
+    least their minimum but fewer than their width go to the repair queue
+    (`under_redundant`).
     """
     disk = pool.disks[disk_id]
     result = DrainResult(disk_id, disk.path)
@@ -229,9 +234,6 @@ def drain_disk(pool: Pool, disk_id: int, *, force: bool = False,
                     progress(done, total, f"extent {extent_id}")
 
 
-_T = TypeVar("_T")
-
-
 def _in_parallel(workers: ThreadPoolExecutor, items: list[int],
                  fn: Callable[[int], _T]) -> Iterator[tuple[int, _T]]:
     """fn(item) for each item on the workers, at most 2 per worker in flight, in order."""
@@ -253,9 +255,6 @@ def _pending(pool: Pool, disk_id: int, skip: set[int]) -> list[int]:
         rows = conn.execute("SELECT DISTINCT extent_id FROM fragments WHERE disk_id = ? "
                             "ORDER BY extent_id", (disk_id,)).fetchall()
     return [row[0] for row in rows if row[0] not in skip]
-
-
-MOVED, GONE, STUCK, STALE = "moved", "gone", "stuck", "stale"
 
 
 def _move_extent(pool: Pool, extent_id: int, disk_id: int) -> tuple[str, int, int]:
