@@ -16,6 +16,7 @@ peak resident memory of the process. Targets: write and read >= 0.7x plain, peak
 memory < 300 MiB.
 
     python benchmarks/bench_engine.py [--size 1GiB] [--dir DIR] [--profile]
+                                      [--policies replicate:3,ec:4+2] [--switch-interval S]
 
 --profile runs the engine writes under cProfile (main thread only: fragment writes
 and syncs in worker threads show up as waits) and prints the top 25 functions by
@@ -263,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default="replicate:3,ec:4+2")
     parser.add_argument("--profile", action="store_true",
                         help="profile the engine writes with cProfile")
+    parser.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
+                        help="sys.setswitchinterval() for the run (the GIL hand-over "
+                             "period; Python's default is 0.005)")
     args = parser.parse_args(argv)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
 
     size = parse_size(args.size)
     if size < EXTENT:
