@@ -500,7 +500,7 @@ class BackgroundScrub:
         else:
             if outcome == "repaired":
                 verdict = scrub.REPAIRED
-            elif outcome == "healthy":
+            elif outcome in ("healthy", "stale"):  # stale: rewritten or freed meanwhile
                 verdict, detail = scrub.HEALTHY, ""
             else:
                 detail = f"{check.detail}; repair {outcome}: not enough healthy disks with room"
