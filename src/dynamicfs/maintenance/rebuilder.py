@@ -98,18 +98,27 @@ class BackgroundRebuild:
         if pending:
             self._begin(pending)
             report = rebuild_pending(self.pool, limit=ROUND, should_stop=self._stop.is_set)
-            self.state.done += report.repaired + report.already_healthy
+            fixed = report.repaired + report.already_healthy
+            self.state.done += fixed
             self.state.failed += report.unreadable + report.stuck
-            self._save(pending - report.repaired - report.already_healthy)
-            return report.repaired + report.already_healthy > 0
+            remaining = pending - fixed
+            if remaining <= 0 or fixed == 0:
+                self._finish(remaining)
+            else:
+                self._save(remaining)
+            return fixed > 0
         if self._drain_suspects():
             return True
         if self.state.active:
-            self.state.active = False
-            self.state.eta_seconds = 0.0
-            self._save(0)
-            log("rebuild finished", done=self.state.done, failed=self.state.failed)
+            self._finish(0)
         return False
+
+    def _finish(self, remaining: int) -> None:
+        """End the pass; what could not be fixed is tried again on the next rounds."""
+        self.state.active = False
+        self._save(remaining)
+        log("rebuild pass finished", done=self.state.done, failed=self.state.failed,
+            remaining=remaining)
 
     def _begin(self, pending: int) -> None:
         if not self.state.active:
