@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from dynamicfs.engine.pool import Pool
 
 CACHE_BYTES = 64 * 1024 * 1024
+# Extents read ahead at most at once.
+READ_AHEAD_MAX = 8
 STATVFS_TTL = 1.0
 # A healthy disk with this many errors within SUSPECT_WINDOW seconds becomes suspect
 # (ZFS's diagnosis engine uses the same 10 errors in 10 minutes).
@@ -107,6 +109,10 @@ class ExtentCache:
                 _, old = self._items.popitem(last=False)
                 self.size -= len(old)
 
+    def contains(self, extent_id: int) -> bool:
+        with self._lock:
+            return extent_id in self._items
+
     def drop(self, extent_id: int) -> None:
         with self._lock:
             data = self._items.pop(extent_id, None)
@@ -121,6 +127,11 @@ class ExtentStore:
         self.executor = ThreadPoolExecutor(max_workers=max(4, 2 * len(pool.disks) + 2),
                                            thread_name_prefix="dynamicfs-io")
         self.cache = ExtentCache()
+        # Read-ahead has its own threads: its reads wait on fragment reads that run on
+        # `executor`, so sharing one pool could fill it with waiters.
+        self._ahead_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dynamicfs-ahead")
+        self._ahead: dict[int, Future[bytes]] = {}
+        self._ahead_lock = threading.Lock()
         self._unsynced: dict[int, list[int]] = collections.defaultdict(list)
         # Guards _unsynced; a sync in flight (_syncing) makes other syncs wait, and a
         # failed one (_sync_failed) fails the next before-commit sync, so no transaction
@@ -140,6 +151,7 @@ class ExtentStore:
         self.meta.after_rollback.append(self._forget_sync_failure)
 
     def close(self) -> None:
+        self._ahead_pool.shutdown(wait=True)
         self.executor.shutdown(wait=True)
 
     # -- capacity ------------------------------------------------------------
@@ -397,10 +409,37 @@ class ExtentStore:
         data = self.cache.get(extent_id)
         if data is not None:
             return data
+        with self._ahead_lock:
+            ahead = self._ahead.get(extent_id)
+        if ahead is not None:
+            try:
+                return ahead.result()
+            except Exception:  # read it again below, and report that
+                pass
+        return self._read_uncached(extent_id)
+
+    def _read_uncached(self, extent_id: int) -> bytes:
         info = self.load(extent_id)
         data = self._read_verified(info)
         self.cache.put(extent_id, data)
         return data
+
+    def prefetch(self, extent_ids: Iterable[int]) -> None:
+        """Start reading these extents into the cache (read-ahead); returns at once."""
+        for extent_id in extent_ids:
+            if self.cache.contains(extent_id):
+                continue
+            with self._ahead_lock:
+                if extent_id in self._ahead or len(self._ahead) >= READ_AHEAD_MAX:
+                    continue
+                self._ahead[extent_id] = self._ahead_pool.submit(self._read_ahead, extent_id)
+
+    def _read_ahead(self, extent_id: int) -> bytes:
+        try:
+            return self._read_uncached(extent_id)
+        finally:
+            with self._ahead_lock:
+                self._ahead.pop(extent_id, None)
 
     def _read_order(self, info: ExtentInfo) -> list[FragmentRow]:
         disks = self.pool.disks

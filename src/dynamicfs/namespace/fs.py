@@ -56,6 +56,7 @@ from dynamicfs.redundancy.policy import AUTO, AUTO_EC_THRESHOLD, parse_policy
 
 INFLIGHT_LIMIT = 64 * 1024 * 1024
 INODE_CACHE_SIZE = 65536
+READ_AHEAD = 4  # chunks read ahead of a sequential reader
 DIRTY_LIMIT = 96 * 1024 * 1024
 FLUSH_BATCH_BYTES = 16 * 1024 * 1024
 FLUSH_BATCH_ITEMS = 256
@@ -78,6 +79,7 @@ class FileState:
     inflight: dict[int, bytes] = field(default_factory=dict)
     pending: int = 0
     error: int = 0
+    read_end: int = -1  # where the last read ended: the next one there is sequential
 
     @property
     def idle(self) -> bool:
@@ -585,6 +587,9 @@ class Namespace:
 
     # ------------------------------------------------------------------ data
     def read(self, ino: int, offset: int, size: int) -> bytes:
+        ahead = self._read_ahead(ino, offset, size)
+        if ahead:
+            self.store.prefetch(ahead)
         for _ in range(3):
             plan, length = self._read_plan(ino, offset, size)
             try:
@@ -593,6 +598,23 @@ class Namespace:
                 if exc.errno != errno.EIO or self._read_plan(ino, offset, size) == (plan, length):
                     raise
         raise FsError(errno.EIO)
+
+    def _read_ahead(self, ino: int, offset: int, size: int) -> list[int]:
+        """On sequential reads, the extents of the next READ_AHEAD chunks."""
+        E = self.extent_size
+        with self.lock:
+            st = self.files.get(ino)
+            if st is None:
+                return []
+            sequential = offset == st.read_end or (offset == 0 and st.read_end < 0)
+            st.read_end = offset + size
+            if not sequential:
+                return []
+            first = (offset + size - 1) // E + 1
+            rows = self.meta.conn.execute(
+                "SELECT extent_id FROM file_extents WHERE ino = ? AND chunk BETWEEN ? AND ? "
+                "ORDER BY chunk", (ino, first, first + READ_AHEAD - 1)).fetchall()
+        return [r[0] for r in rows]
 
     def _read_plan(self, ino: int, offset: int, size: int
                    ) -> tuple[list[tuple[int, int, bytes | int | None]], int]:
