@@ -38,6 +38,7 @@ from sqlite3 import Connection
 from typing import Any
 
 from dynamicfs.engine.pool import Pool
+from dynamicfs.engine.store import WrittenExtent
 from dynamicfs.errors import DynamicFSError, FsError, NoSpaceError, PolicyError
 from dynamicfs.namespace.types import (
     LAYOUT_XATTR,
@@ -875,6 +876,29 @@ class Namespace:
                 raise
             finally:
                 self._finish(batch, failure, todo)
+            self._redo_auto(todo, written)
+
+    def _redo_auto(self, done: list[tuple[int, int, bytes]], written: list[WrittenExtent]
+                   ) -> None:
+        """Rewrite what was flushed while a file under `auto` was still small, if the file
+        is closed now: release() cannot convert chunks that are in flight."""
+        for (ino, chunk, data), w in zip(done, written, strict=True):
+            st = self.files.get(ino)
+            if st is not None and (st.opens or chunk in st.dirty or chunk in st.inflight):
+                continue
+            conn = self.meta.conn
+            try:
+                size = self._row(conn, ino)[SIZE]
+            except FsError:
+                continue
+            policy = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (ino,)).fetchone()[0]
+            mapped = conn.execute("SELECT extent_id FROM file_extents WHERE ino = ? AND chunk = ?",
+                                  (ino, chunk)).fetchone()
+            if (mapped is None or mapped[0] != w.info.id or size < AUTO_EC_THRESHOLD
+                    or parse_policy(policy or self.pool.config.default_policy) != AUTO):
+                continue
+            if str(w.info.policy) != str(self.pool.resolve_policy(policy, size)):
+                self._enqueue(ino, self._state(ino), chunk, data)
 
     def _map(self, conn: Connection, ino: int, chunk: int, extent_id: int | None) -> None:
         self._stored.pop(ino, None)
