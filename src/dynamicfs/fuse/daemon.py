@@ -137,7 +137,7 @@ def check_mountable(pool: Path | str, mountpoint: Path | str,
                             f"(pid {info.get('pid')}); unmount it first with "
                             f"'dynamicfs unmount {info.get('mountpoint')}'") from None
     lock.release()
-    mnt = Path(os.path.abspath(mountpoint))
+    mnt = Path(os.path.realpath(mountpoint))  # libfuse mounts on what a symlink names
     try:
         st = os.stat(mnt)
         entries = os.listdir(mnt) if stat.S_ISDIR(st.st_mode) else []
@@ -455,7 +455,7 @@ def unmount(target: Path | str, *, lazy: bool = False, timeout: float = EXIT_TIM
     Returns once the daemon has flushed everything and exited, so the pool can be
     mounted or opened again at once.
     """
-    path = Path(os.path.abspath(target))
+    path = Path(os.path.realpath(target))
     pool_dir: Path | None = None
     if _is_pool(path):
         pool_dir = path
