@@ -43,6 +43,8 @@ import trio
 
 from dynamicfs.control.protocol import SOCKET_NAME
 from dynamicfs.control.server import ControlServer
+from dynamicfs.disks.faulty import ENV_VAR as FAULTS_ENV
+from dynamicfs.disks.faulty import FaultSpecError, wrap_backends
 from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, is_pool
 from dynamicfs.errors import DynamicFSError, PoolBusyError, PoolError
 from dynamicfs.fuse.adapter import Operations
@@ -321,6 +323,7 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
                 ready: Callable[[], None]) -> int:
     pool_obj = Pool.open(pool_dir)
     try:
+        _inject_faults(pool_obj)
         namespace = Namespace(pool_obj)
         try:
             opts = fuse_options(pool_dir, options)
@@ -353,6 +356,18 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
         pool_obj.close()
         log("pool closed", pool=str(pool_dir))
     return 0
+
+
+def _inject_faults(pool: Pool) -> None:
+    """Run over failing disks when $DYNAMICFS_FAULTS says so (tests; see disks/faulty.py)."""
+    spec = os.environ.get(FAULTS_ENV)
+    if not spec:
+        return
+    try:
+        wrapped = wrap_backends(pool, spec)
+    except FaultSpecError as exc:
+        raise MountError(f"{FAULTS_ENV}: {exc}") from None
+    log("injecting disk faults", spec=spec, disks=sorted(wrapped))
 
 
 def _share_log_with_pyfuse3() -> None:
