@@ -63,7 +63,13 @@ class DirectoryDisk:
         """Create the fragment file (not yet durable: call sync())."""
         sub = self._fanout(fragment_id)
         if sub not in self._known_dirs:
-            (self.fragment_root / sub).mkdir(parents=True, exist_ok=True)
+            # Never `parents=True`: a disk whose directory vanished (an unmounted mount
+            # point, say) must fail the write, not grow a copy on the parent filesystem.
+            try:
+                (self.fragment_root / sub).mkdir(exist_ok=True)
+            except FileNotFoundError:
+                self.fragment_root.mkdir(exist_ok=True)
+                (self.fragment_root / sub).mkdir(exist_ok=True)
             with self._lock:
                 self._known_dirs.add(sub)
         fd = os.open(self.fragment_path(fragment_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

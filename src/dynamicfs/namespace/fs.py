@@ -81,6 +81,7 @@ class FileState:
     pending: int = 0
     error: int = 0
     read_end: int = -1  # where the last read ended: the next one there is sequential
+    written: bool = False  # data was written since the file was opened
 
     @property
     def idle(self) -> bool:
@@ -539,23 +540,29 @@ class Namespace:
                 with self._change() as conn:
                     self._destroy(conn, ino)
                 return
-            policy = self.meta.conn.execute("SELECT policy FROM inodes WHERE ino = ?",
-                                            (ino,)).fetchone()
-            self._convert_auto(ino, st, inode[SIZE], policy[0] if policy else None)
+            if st.written:
+                st.written = False
+                policy = self.meta.conn.execute("SELECT policy FROM inodes WHERE ino = ?",
+                                                (ino,)).fetchone()
+                self._convert_auto(ino, st, inode[SIZE], policy[0] if policy else None)
             if st.idle:
                 self.files.pop(ino, None)
 
     def _convert_auto(self, ino: int, st: FileState, size: int, policy: str | None) -> None:
-        """Under `auto`, rewrite extents whose layout no longer fits the file's final size."""
+        """Under `auto`, a file that grew past 4 MiB while it was written gets its early,
+        replicated extents rewritten erasure coded. Only the kind of layout counts: a
+        change in the number of healthy disks alone rewrites nothing."""
         if parse_policy(policy or self.pool.config.default_policy) != AUTO:
             return
         if size < AUTO_EC_THRESHOLD:
             return
-        want = str(self.pool.resolve_policy(policy, size))
+        want = self.pool.resolve_policy(policy, size)
+        if want.kind != "ec":
+            return
         with self.meta.read() as conn:
             rows = conn.execute("SELECT f.chunk, f.extent_id FROM file_extents f JOIN extents e "
-                                "ON e.id = f.extent_id WHERE f.ino = ? AND e.policy != ?",
-                                (ino, want)).fetchall()
+                                "ON e.id = f.extent_id WHERE f.ino = ? AND e.policy LIKE "
+                                "'replicate:%'", (ino,)).fetchall()
         for chunk, extent_id in rows:
             if chunk in st.dirty or chunk in st.inflight:
                 continue
@@ -711,6 +718,7 @@ class Namespace:
                     del st.dirty[chunk]
                     self._dirty_bytes -= len(buf)
                     self._enqueue(ino, st, chunk, bytes(buf))
+            st.written = True
             now = time.time_ns()
             mode = row[MODE] & ~(stat.S_ISUID | stat.S_ISGID) if row[MODE] & 0o111 else row[MODE]
             self._set(ino, size=max(row[SIZE], offset + len(data)), mtime_ns=now, ctime_ns=now,
