@@ -95,7 +95,7 @@ class Operations(pyfuse3.Operations):
       go to a worker thread, so the loop never waits for the lock. Such namespace
       methods must never wait on a condition nor touch fragment files.
     - `pyfuse3.readdir_reply` must be called from the event-loop thread: readdir
-      fetches a batch of entries in a worker thread and replies from the loop.
+      fetches a batch of entries (through `_run_quick`) and replies from the loop.
     - Handlers raise only FUSEError, and each is timed for the metrics (`_handler`).
 
     Meaning of the values handed to the kernel:
@@ -106,7 +106,8 @@ class Operations(pyfuse3.Operations):
       knows when the last handle is gone (write-back, freeing unlinked files);
     - a directory handle is the directory's inode number;
     - readdir offsets are the namespace's entry ids, stable while the directory
-      changes; "." and ".." are not listed (the kernel adds them);
+      changes; "." and ".." are not listed (lookup answers them, and readdir would
+      have to leave their lookup counts alone);
     - lookup counts are not tracked (forget is a no-op): the namespace keeps an
       unlinked inode exactly as long as it is open, and the kernel never needs an
       unopened, unlinked inode again.
