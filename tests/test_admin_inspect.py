@@ -176,3 +176,16 @@ def test_status_shows_the_background_rebuild_of_a_mounted_pool(
     assert _status(capsys, pool_dir)["rebuild"]["done"] == 120
     code, out, _ = run(capsys, "status", pool_dir)
     assert "rebuilding: 120 of 500 extents (30.0/s, about 13 s left), 2 failed" in out
+
+
+def test_status_says_how_many_disk_failures_the_pool_survives(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pool_dir = make_pool(tmp_path, [None] * 4, policy="ec:2+2")
+    write_files(pool_dir, {"/a": data_of("a", 2 * EXTENT)})
+    assert _status(capsys, pool_dir)["survives_failures"] == 2
+    assert run(capsys, "fail-disk", pool_dir, "1")[0] == 0
+    assert _status(capsys, pool_dir)["survives_failures"] == 1
+    code, out, _ = run(capsys, "status", pool_dir)
+    assert "survives now: 1 arbitrary disk failure without losing data" in out
+    assert run(capsys, "fail-disk", pool_dir, "2")[0] == 0
+    assert _status(capsys, pool_dir)["survives_failures"] == 0

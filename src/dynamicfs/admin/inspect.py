@@ -24,6 +24,7 @@ from dynamicfs.engine.pool import Pool
 from dynamicfs.errors import DynamicFSError
 from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.maintenance.rebuilder import RebuildState, read_state
+from dynamicfs.maintenance.whatif import failures_survivable
 from dynamicfs.namespace.types import ROOT_INO
 from dynamicfs.placement.placement import usable_capacity
 from dynamicfs.redundancy.policy import AUTO, Policy, describe_auto, ec, parse_concrete, replicate
@@ -180,6 +181,7 @@ class Status:
     files_at_risk: list[str] = field(default_factory=list)
     files_at_risk_total: int = 0
     rebuild: RebuildState | None = None  # the mount daemon's background rebuild, if any
+    survives_failures: int = 0  # arbitrary disk failures every extent survives now
 
 
 @operation("status", writes=False)
@@ -212,7 +214,7 @@ def status(pool: Pool) -> Status:
         raw_capacity=sum(caps), raw_used=sum(d.used for d in disks), raw_free=sum(frees),
         usable=usable, repair_queue=queued,
         files_at_risk=at_risk[:MAX_PATHS], files_at_risk_total=len(at_risk),
-        rebuild=read_state(pool.path))
+        rebuild=read_state(pool.path), survives_failures=failures_survivable(pool))
 
 
 # -- list-extents -------------------------------------------------------------------------

@@ -31,6 +31,9 @@ def _status_text(s: dict[str, Any]) -> None:
     for u in s["usable"]:
         click.echo(f"usable under {u['policy']}: {format_size(u['capacity'])}, "
                    f"{format_size(u['free'])} free")
+    n = s["survives_failures"]
+    click.echo(f"survives now: {n} arbitrary disk failure{'s' if n != 1 else ''} "
+               "without losing data")
     click.echo(f"repair queue: {s['repair_queue']} extents")
     rebuild = s.get("rebuild")
     if rebuild and rebuild["active"]:
