@@ -905,7 +905,9 @@ class Namespace:
             if (mapped is None or mapped[0] != w.info.id or size < AUTO_EC_THRESHOLD
                     or parse_policy(policy or self.pool.config.default_policy) != AUTO):
                 continue
-            if str(w.info.policy) != str(self.pool.resolve_policy(policy, size)):
+            # As in _convert_auto: only replicated extents of a file that should be EC.
+            if w.info.policy.kind == "replicate" and \
+                    self.pool.resolve_policy(policy, size).kind == "ec":
                 self._enqueue(ino, self._state(ino), chunk, data)
 
     def _map(self, conn: Connection, ino: int, chunk: int, extent_id: int | None) -> None:
