@@ -398,12 +398,11 @@ class Namespace:
 
     def _destroy(self, conn: Connection, ino: int) -> None:
         """Delete an inode with no links and no opens, and free its data."""
-        st = self.files.get(ino)
+        # No waiting for hand-offs in flight: that would release the lock in the middle
+        # of the caller's change. The flusher drops them when it finds the inode gone.
+        st = self.files.pop(ino, None)
         if st is not None:
-            while st.pending:
-                self.cond.wait()
             self._dirty_bytes -= sum(len(b) for b in st.dirty.values())
-            self.files.pop(ino, None)
         extents = [r[0] for r in conn.execute("SELECT extent_id FROM file_extents WHERE ino = ?",
                                               (ino,))]
         conn.execute("DELETE FROM file_extents WHERE ino = ?", (ino,))
@@ -867,6 +866,7 @@ class Namespace:
             error("write-back failed", reason=str(exc))
             todo = []
         with self.lock:
+            todo, written, holes = self._drop_destroyed(todo, written, holes)
             try:
                 with self.meta.write() as conn:
                     self.store.record(conn, [w for (ino, _c, _d), w in zip(todo, written,
@@ -885,6 +885,22 @@ class Namespace:
             finally:
                 self._finish(batch, failure, todo)
             self._redo_auto(todo, written)
+
+    def _drop_destroyed(self, todo: list[tuple[int, int, bytes]], written: list[WrittenExtent],
+                        holes: list[tuple[int, int, bytes]]
+                        ) -> tuple[list[tuple[int, int, bytes]], list[WrittenExtent],
+                                   list[tuple[int, int, bytes]]]:
+        """Forget what was written for files destroyed while it was (under the lock)."""
+        conn = self.meta.conn
+        gone = {ino for ino in {t[0] for t in todo + holes}
+                if conn.execute("SELECT 1 FROM inodes WHERE ino = ?", (ino,)).fetchone() is None}
+        if not gone:
+            return todo, written, holes
+        pairs = list(zip(todo, written, strict=True))
+        self.store.discard([w for t, w in pairs if t[0] in gone])
+        kept = [(t, w) for t, w in pairs if t[0] not in gone]
+        return ([t for t, _ in kept], [w for _, w in kept],
+                [t for t in holes if t[0] not in gone])
 
     def _redo_auto(self, done: list[tuple[int, int, bytes]], written: list[WrittenExtent]
                    ) -> None:
