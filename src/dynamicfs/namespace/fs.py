@@ -761,6 +761,9 @@ class Namespace:
         st = self._state(ino)
         while st.pending:
             self.cond.wait()
+            # The flusher drops a state that went idle: carry on with the current one, or
+            # the trimmed last chunk would go into a state nobody flushes.
+            st = self._state(ino)
         with self._change() as conn:
             row = self._row(conn, ino)
             if stat.S_ISDIR(row[1]):

@@ -1,10 +1,15 @@
-"""A file destroyed while its data is still being written back must not disturb other
-files: their fsync succeeds, their size stays what was written, and after a crash of the
-mount daemon they read back as fsynced.
+"""Races the crash workload (tests/crashload.py) found, each checked on its own through
+a real mount.
 
-(The namespace once waited for such write-back in the middle of the unlink's metadata
-change: meanwhile a concurrent fsync failed with EIO, and the size and mtime another
-writer had just set were dropped from the inode cache, so the file came back short.)
+- A file destroyed while its data is still being written back must not disturb other
+  files: their fsync succeeds, their size stays what was written, and after a crash of
+  the mount daemon they read back as fsynced. (The namespace once waited for such
+  write-back in the middle of the unlink's metadata change: meanwhile a concurrent
+  fsync failed with EIO, and the size and mtime another writer had just set were
+  dropped from the inode cache, so the file came back short.)
+- Truncating a file just closed (its data still in flight) and extending it again
+  reads zeros past the cut. (The truncate once trimmed the last chunk in a file state
+  the flusher had just dropped, so the old bytes came back.)
 """
 
 from __future__ import annotations
@@ -84,3 +89,21 @@ def test_unlinking_a_file_with_data_in_flight_leaves_other_files_alone(
         m.pid = None
         m.mount()
         assert (m / "log").read_bytes() == record
+
+
+def test_truncate_then_extend_right_after_close_reads_zeros_past_the_cut(
+        tmp_path: Path, fuse_available: None) -> None:
+    with mounted_pool(tmp_path, disks=4) as m:
+        wrong = []
+        for i in range(30):
+            path = m / f"f{i}"
+            data = os.urandom(72_020)
+            path.write_bytes(data)  # the release, and so the write-back, comes after close
+            os.truncate(path, 49_165)
+            os.truncate(path, 171_291)
+            if path.read_bytes() != data[:49_165] + bytes(171_291 - 49_165):
+                wrong.append(path.name)
+        assert wrong == []
+        m.remount()
+        assert [p.name for p in sorted(m.mnt.iterdir())
+                if p.read_bytes()[49_165:] != bytes(171_291 - 49_165)] == []
