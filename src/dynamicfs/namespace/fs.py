@@ -82,10 +82,19 @@ class FileState:
     error: int = 0
     read_end: int = -1  # where the last read ended: the next one there is sequential
     written: bool = False  # data was written since the file was opened
+    # Chunks whose write-back failed: reading them fails with EIO (never old bytes or
+    # zeros) until they are overwritten whole or truncated away. Kept while the pool is
+    # open; the error itself is reported once, by the next fsync, close or write.
+    lost: set[int] = field(default_factory=set)
 
     @property
     def idle(self) -> bool:
-        return not (self.opens or self.dirty or self.inflight or self.pending)
+        return not (self.opens or self.dirty or self.inflight or self.pending or self.error
+                    or self.lost)
+
+
+def _lost(chunk: int) -> FsError:
+    return FsError(errno.EIO, f"chunk {chunk} was not stored: its write-back failed")
 
 
 class Namespace:
@@ -594,6 +603,14 @@ class Namespace:
 
     # ------------------------------------------------------------------ data
     def read(self, ino: int, offset: int, size: int) -> bytes:
+        try:
+            return self._read(ino, offset, size)
+        except FsError as exc:
+            if exc.errno == errno.EIO:
+                error("read failed", ino=ino, offset=offset, size=size, reason=exc.strerror)
+            raise
+
+    def _read(self, ino: int, offset: int, size: int) -> bytes:
         ahead = self._read_ahead(ino, offset, size)
         if ahead:
             self.store.prefetch(ahead)
@@ -650,6 +667,8 @@ class Namespace:
                         src = bytes(st.dirty[chunk])
                     elif chunk in st.inflight:
                         src = st.inflight[chunk]
+                    elif chunk in st.lost:
+                        raise _lost(chunk)
                 plan.append((chunk, chunk * E, src))
             return plan, length
 
@@ -746,6 +765,8 @@ class Namespace:
             return bytearray()
         if chunk in st.inflight:
             return bytearray(st.inflight[chunk][:valid])
+        if chunk in st.lost:
+            raise _lost(chunk)
         with self.meta.read() as conn:
             row = conn.execute("SELECT extent_id FROM file_extents WHERE ino = ? AND chunk = ?",
                                (ino, chunk)).fetchone()
@@ -775,6 +796,7 @@ class Namespace:
                 last = (size + E - 1) // E  # chunks >= last go entirely
                 for chunk in [c for c in st.dirty if c >= last]:
                     self._dirty_bytes -= len(st.dirty.pop(chunk))
+                st.lost = {c for c in st.lost if c < last}
                 freed = [r[0] for r in conn.execute(
                     "SELECT extent_id FROM file_extents WHERE ino = ? AND chunk >= ?", (ino, last))]
                 conn.execute("DELETE FROM file_extents WHERE ino = ? AND chunk >= ?", (ino, last))
@@ -838,7 +860,7 @@ class Namespace:
                 self._flush_batch(batch)
             except BaseException as exc:  # never let the flusher die silently
                 error("flush failed", exc_info=repr(exc))
-                self._finish(batch, errno.EIO, [])
+                self._finish(batch, errno.EIO, [], batch)
 
     def _flush_batch(self, batch: list[tuple[int, int, bytes]]) -> None:
         with self.meta.read() as conn:
@@ -855,6 +877,7 @@ class Namespace:
             (holes if item[2].count(0) == len(item[2]) else todo).append(item)
         written = []
         failure = 0
+        failed: list[tuple[int, int, bytes]] = []
         try:
             if todo:
                 items = [(data, self.pool.resolve_policy(info[ino][1], info[ino][0]))
@@ -863,11 +886,11 @@ class Namespace:
         except FsError as exc:
             failure = exc.errno or errno.EIO
             error("write-back failed", inodes=sorted({t[0] for t in todo}), reason=str(exc))
-            todo = []
+            failed, todo = todo, []
         except DynamicFSError as exc:
             failure = errno.EIO
-            error("write-back failed", reason=str(exc))
-            todo = []
+            error("write-back failed", inodes=sorted({t[0] for t in todo}), reason=str(exc))
+            failed, todo = todo, []
         with self.lock:
             todo, written, holes = self._drop_destroyed(todo, written, holes)
             try:
@@ -886,7 +909,7 @@ class Namespace:
                 self.store.discard(written)
                 raise
             finally:
-                self._finish(batch, failure, todo)
+                self._finish(batch, failure, todo + holes, failed)
             self._redo_auto(todo, written)
 
     def _drop_destroyed(self, todo: list[tuple[int, int, bytes]], written: list[WrittenExtent],
@@ -942,16 +965,26 @@ class Namespace:
             self.store.free_if_unreferenced(conn, [old[0]])
 
     def _finish(self, batch: list[tuple[int, int, bytes]], failure: int,
-                done: list[tuple[int, int, bytes]]) -> None:
+                done: list[tuple[int, int, bytes]], failed: list[tuple[int, int, bytes]]
+                ) -> None:
+        """Hand-offs in `done` are stored, those in `failed` are lost (read EIO)."""
+        lost = {id(t) for t in failed}
+        stored = {id(t) for t in done}
         with self.lock:
-            for ino, chunk, data in batch:
+            for item in batch:
+                ino, chunk, data = item
                 self._inflight_bytes -= len(data)
                 st = self.files.get(ino)
                 if st is None:
                     continue
                 st.pending -= 1
-                if st.inflight.get(chunk) is data:
+                latest = st.inflight.get(chunk) is data
+                if latest:
                     del st.inflight[chunk]
+                if id(item) in stored:
+                    st.lost.discard(chunk)
+                elif id(item) in lost and latest and chunk not in st.dirty:
+                    st.lost.add(chunk)  # no later hand-off of this chunk replaces it
                 if failure:
                     st.error = failure
                 if st.idle:

@@ -1,0 +1,182 @@
+"""Failures seen through a real mount: full disks, disks that fail writes, reads or syncs
+(the mount daemon runs over fault-injecting disks when DYNAMICFS_FAULTS is set, see
+disks/faulty.py), and damaged fragments under files.
+
+What must hold each time: the program gets a clear errno (ENOSPC when nothing fits, EIO
+when data cannot be stored or read), never wrong bytes; what was fsynced before reads
+back exactly; and the pool stays consistent (fsck and scrub clean once unmounted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dynamicfs.admin.disks import add_disk
+from dynamicfs.admin.init import init_pool
+from dynamicfs.disks.faulty import ENV_VAR
+from dynamicfs.engine.pool import Pool
+from fusehelpers import Mount, cli, mounted_pool
+
+pytestmark = pytest.mark.fuse
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+# ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def faults(spec: str) -> Iterator[None]:
+    """DYNAMICFS_FAULTS=spec for the mount daemons started inside."""
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = spec
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = old
+
+
+def write_file(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write, fsync and close, closing even when a step fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    os.close(fd)
+
+
+def assert_clean(pool: Path) -> None:
+    """fsck and scrub of an unmounted pool find nothing wrong."""
+    done = cli("fsck", pool, "--json", check=False)
+    assert done.returncode == 0, json.loads(done.stdout)["problems"]
+    done = cli("scrub", pool, "--json", check=False)
+    assert done.returncode == 0, json.loads(done.stdout)["problems"]
+
+
+def remount_clean(m: Mount) -> None:
+    m.unmount()
+    assert_clean(m.pool)
+    m.mount()
+
+
+# ---------------------------------------------------------------------- write-back
+def test_data_whose_write_back_failed_reads_eio_never_zeros(
+        tmp_path: Path, fuse_available: None) -> None:
+    # Each disk stores one fragment, then reports a full disk: the first file takes three
+    # of the four disks, so the second one's write-back (after close) cannot be stored.
+    with faults("write:enospc:after=1"), mounted_pool(tmp_path, disks=4) as m:
+        first, second = os.urandom(300 * KiB), os.urandom(300 * KiB)
+        write_file(m / "first", first)
+        write_file(m / "second", second, fsync=False)  # close comes before the write-back
+
+        fd = os.open(m / "second", os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as read:
+                os.pread(fd, 4096, 0)
+            assert read.value.errno == errno.EIO
+        finally:
+            with pytest.raises(OSError) as closed:
+                os.close(fd)  # the write-back error, reported once
+        assert closed.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as again:
+            (m / "second").read_bytes()
+        assert again.value.errno == errno.EIO
+        assert (m / "first").read_bytes() == first
+
+        os.truncate(m / "second", 0)  # cut away, the lost data no longer fails reads
+        assert (m / "second").read_bytes() == b""
+        log = (m.pool / "logs" / "dynamicfs.log").read_text()
+        assert '"write-back failed"' in log and '"read failed"' in log
+    assert_clean(m.pool)
+
+
+# ---------------------------------------------------------------------- full disks
+def small_disk_pool(root: Path, disks: int, capacity: int) -> Mount:
+    pool_dir = root / "pool"
+    init_pool(pool_dir)
+    paths = []
+    with Pool.open(pool_dir) as pool:
+        for i in range(disks):
+            path = root / f"disk{i}"
+            path.mkdir()
+            add_disk(pool, path, capacity=capacity)
+            paths.append(path)
+    (root / "mnt").mkdir()
+    return Mount(pool_dir, root / "mnt", paths)
+
+
+def fill(mnt: Path, prefix: str, size: int) -> tuple[dict[str, bytes], int, str]:
+    """fsynced files of `size` bytes until one fails: (the files, errno, failing step)."""
+    files: dict[str, bytes] = {}
+    for i in range(1000):
+        name, data = f"{prefix}{i}", os.urandom(size)
+        fd = os.open(mnt / name, os.O_WRONLY | os.O_CREAT, 0o644)
+        step = "write"
+        try:
+            os.write(fd, data)
+            step = "fsync"
+            os.fsync(fd)
+            step = "close"
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            return files, exc.errno or 0, step
+        try:
+            os.close(fd)
+        except OSError as exc:
+            return files, exc.errno or 0, step
+        files[name] = data
+    raise AssertionError("the pool never filled up")
+
+
+def run_dd(path: Path) -> subprocess.CompletedProcess[str]:
+    """dd of 12.5 MiB of random bytes (zeros would be stored as holes), fsynced."""
+    return subprocess.run(["dd", "if=/dev/urandom", f"of={path}", "bs=64k", "count=200",
+                           "conv=fsync"], capture_output=True, text=True, timeout=120)
+
+
+def test_a_full_pool_fails_writes_with_enospc_and_keeps_what_was_written(
+        tmp_path: Path, fuse_available: None) -> None:
+    m = small_disk_pool(tmp_path, disks=4, capacity=4 * MiB)
+    m.mount()
+    try:
+        files, code, step = fill(m.mnt, "f", 256 * KiB)
+        assert code == errno.ENOSPC, f"{step} failed with {errno.errorcode.get(code)}"
+        assert len(files) >= 12  # 16 MiB of disks hold over 5 MiB at three copies
+        dd = run_dd(m.mnt / "dd.out")
+        assert dd.returncode != 0 and "No space left on device" in dd.stderr
+        for name, data in files.items():
+            assert (m / name).read_bytes() == data
+        remount_clean(m)
+        for name, data in files.items():
+            assert (m / name).read_bytes() == data
+
+        for name in list(files)[::2]:
+            os.unlink(m / name)
+            del files[name]
+        os.unlink(m / "dd.out")
+        more, code, _ = fill(m.mnt, "g", 256 * KiB)
+        assert len(more) >= 4 and code == errno.ENOSPC
+        files.update(more)
+        for name, data in files.items():
+            assert (m / name).read_bytes() == data
+        m.unmount()
+    finally:
+        m.force_unmount()
+    assert_clean(m.pool)
