@@ -81,6 +81,19 @@ class WrittenExtent:
     info: ExtentInfo
 
 
+def check_fragment(info: ExtentInfo, row: FragmentRow, raw: bytes) -> memoryview:
+    """The payload of a fragment file, if it is intact and the one the metadata names;
+    raises FragmentError saying what is wrong otherwise."""
+    head, payload = fragfmt.parse(raw)
+    if (head.extent_id, head.fragment_id, head.index) != (info.id, row.id, row.index):
+        raise fragfmt.FragmentError("header names another fragment")
+    if head.checksum != row.checksum:
+        raise fragfmt.FragmentError("checksum differs from the metadata")
+    if len(raw) != row.size:
+        raise fragfmt.FragmentError(f"{len(raw)} bytes, the metadata says {row.size}")
+    return payload
+
+
 class ExtentCache:
     """Decoded extents by id. Extents are immutable, so entries never go stale."""
 
@@ -504,11 +517,7 @@ class ExtentStore:
             disk.reads += 1
             disk.bytes_read += len(raw)
         try:
-            head, payload = fragfmt.parse(raw)
-            if (head.extent_id, head.fragment_id, head.index) != (info.id, row.id, row.index):
-                raise fragfmt.FragmentError("header names another fragment")
-            if head.checksum != row.checksum:
-                raise fragfmt.FragmentError("checksum differs from the metadata")
+            payload = check_fragment(info, row, raw)
         except fragfmt.FragmentError as exc:
             self.note_disk_error(row.disk_id, "checksum", str(exc), row.id)
             return None, f"fragment {row.index} on disk {row.disk_id}: {exc}"

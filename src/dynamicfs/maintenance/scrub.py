@@ -33,7 +33,7 @@ import blake3
 from dynamicfs.disks import fragment as fragfmt
 from dynamicfs.disks import health
 from dynamicfs.disks.label import LabelError, read_label
-from dynamicfs.engine.store import ExtentInfo, FragmentRow
+from dynamicfs.engine.store import ExtentInfo, FragmentRow, check_fragment
 from dynamicfs.errors import DynamicFSError, UnreadableError
 from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.redundancy import codecs
@@ -268,13 +268,7 @@ def _read_fragment(pool: Pool, info: ExtentInfo, row: FragmentRow
     disk.reads += 1
     disk.bytes_read += len(raw)
     try:
-        head, payload = fragfmt.parse(raw)
-        if (head.extent_id, head.fragment_id, head.index) != (info.id, row.id, row.index):
-            raise fragfmt.FragmentError("header names another fragment")
-        if head.checksum != row.checksum:
-            raise fragfmt.FragmentError("checksum differs from the metadata")
-        if len(raw) != row.size:
-            raise fragfmt.FragmentError(f"{len(raw)} bytes, the metadata says {row.size}")
+        payload = check_fragment(info, row, raw)
     except fragfmt.FragmentError as exc:
         pool.store.note_disk_error(row.disk_id, "checksum", f"fragment {row.id:x}: {exc}",
                                     row.id)
