@@ -76,6 +76,12 @@ class BackgroundRebuild:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        # What reads found bad since the last round goes into the repair queue (committed
+        # when the pool closes), or the next mount would not know of it.
+        try:
+            persist_repair_wanted(self.pool)
+        except Exception as exc:
+            error("could not queue the repairs reads asked for", reason=repr(exc))
 
     def wake(self) -> None:
         self._wake.set()
