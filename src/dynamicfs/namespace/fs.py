@@ -722,7 +722,10 @@ class Namespace:
                 buf = st.dirty.get(chunk)
                 if buf is None:
                     if inoff == 0 and n == E:
-                        self._enqueue(ino, st, chunk, piece.tobytes())
+                        # A whole chunk: hand it over as it came (no copy when it is
+                        # the whole request, the common case of 1 MiB sequential writes).
+                        whole = isinstance(data, bytes) and n == len(data)
+                        self._enqueue(ino, st, chunk, data if whole else piece.tobytes())
                         continue
                     buf = self._load_chunk(ino, st, chunk, file_size)
                     st.dirty[chunk] = buf
