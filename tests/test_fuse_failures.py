@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +22,11 @@ import pytest
 
 from dynamicfs.admin.disks import add_disk
 from dynamicfs.admin.init import init_pool
+from dynamicfs.disks import fragment as fragfmt
+from dynamicfs.disks.directory import FRAGMENT_DIR
 from dynamicfs.disks.faulty import ENV_VAR
 from dynamicfs.engine.pool import Pool
-from fusehelpers import Mount, cli, mounted_pool
+from fusehelpers import Mount, cli, make_pool, mounted_pool
 
 pytestmark = pytest.mark.fuse
 
@@ -248,3 +251,174 @@ def test_fault_injection_survives_adding_a_disk_to_the_mounted_pool(
         assert disks[1]["write_errors"] > errors_before, "disk 1 lost its faults"
         for name, data in files.items():
             assert (m / name).read_bytes() == data
+
+
+
+# ---------------------------------------------------------------------- degraded reads
+POLICIES = {"replicate:3": 2, "ec:4+2": 2}  # policy: fragments it may lose (M)
+
+
+def fragment_files(disks: list[Path]) -> dict[tuple[int, int], Path]:
+    """(extent id, fragment index) -> its fragment file, from the headers on the disks."""
+    out = {}
+    for disk in disks:
+        for path in (disk / FRAGMENT_DIR).glob("*/*.frag"):
+            head, _ = fragfmt.parse(path.read_bytes())
+            out[(head.extent_id, head.index)] = path
+    return out
+
+
+def extents_of(pool: Path, name: str) -> list[int]:
+    rows = json.loads(cli("list-extents", pool, "--file", f"/{name}", "--json").stdout)
+    return [r["id"] for r in sorted(rows, key=lambda r: r["chunk"])]
+
+
+def damage(path: Path, kind: str) -> None:
+    """Damage a fragment file on its disk the way disks and people do."""
+    if kind == "missing":
+        path.unlink()
+    elif kind == "truncated":
+        os.truncate(path, fragfmt.HEADER_SIZE + (path.stat().st_size - fragfmt.HEADER_SIZE) // 2)
+    else:
+        raw = bytearray(path.read_bytes())
+        at = 20 if kind == "header" else fragfmt.HEADER_SIZE + len(raw) // 3  # else: payload
+        raw[at] ^= 0x10
+        path.write_bytes(bytes(raw))
+
+
+KINDS = ["missing", "payload", "header", "truncated"]
+
+
+class LogWatch:
+    """The JSON events the daemon logs from now on."""
+
+    def __init__(self, pool: Path) -> None:
+        self.path = pool / "logs" / "dynamicfs.log"
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def events(self, name: str) -> list[dict]:  # type: ignore[type-arg]
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            lines = f.read().decode().splitlines()
+        return [e for e in map(json.loads, lines) if e.get("event") == name]
+
+
+def wait_rebuilt(m: Mount, timeout: float = 60) -> None:
+    """Until the mount daemon has nothing left to repair: no queued extent (its health
+    report counts those the read path found bad but not yet queued), none short of its
+    policy, none unreadable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = json.loads(cli("health", m.pool, "--json", check=False).stdout)
+        extents = report["extents"]
+        left = (report["repair_queue"], extents["under_redundant"], extents["unreadable"])
+        if left == (0, 0, 0):
+            return
+        assert time.monotonic() < deadline, f"not rebuilt (queued, short, unreadable): {left}"
+        time.sleep(0.3)
+
+
+def write_policy_files(m: Mount, policy: str, sizes: dict[str, int]) -> dict[str, bytes]:
+    (m / "d").mkdir()
+    os.setxattr(m / "d", "user.dynamicfs.policy", policy.encode())
+    files = {f"d/{name}": os.urandom(size) for name, size in sizes.items()}
+    for name, data in files.items():
+        write_file(m / name, data)
+    return files
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_reads_survive_m_bad_fragments_fail_with_eio_beyond_and_bad_ones_are_rebuilt(
+        tmp_path: Path, fuse_available: None, policy: str) -> None:
+    budget = POLICIES[policy]
+    pool_dir, disks = make_pool(tmp_path, 7, extent_size=256 * KiB)
+    (tmp_path / "mnt").mkdir()
+    m = Mount(pool_dir, tmp_path / "mnt", disks)
+    m.mount()
+    try:
+        files = write_policy_files(m, policy, {"ok": 1280 * KiB, "lost": 600 * KiB})
+        m.unmount()
+        where = fragment_files(disks)
+        # Every extent of d/ok loses `budget` fragments, each its own way; the fragments
+        # read first are the damaged ones, so the read must notice and go around them.
+        for i, extent in enumerate(extents_of(pool_dir, "d/ok")):
+            for index in range(budget):
+                damage(where[(extent, index)], KINDS[(i + index) % len(KINDS)])
+        lost_extent = extents_of(pool_dir, "d/lost")[1]
+        for index in range(budget + 1):
+            damage(where[(lost_extent, index)], KINDS[index % len(KINDS)])
+
+        m.mount()
+        watch = LogWatch(pool_dir)
+        assert (m / "d/ok").read_bytes() == files["d/ok"]
+        with open(m / "d/lost", "rb") as f:
+            assert f.read(256 * KiB) == files["d/lost"][: 256 * KiB]  # its first extent
+            with pytest.raises(OSError) as failed:
+                f.read(256 * KiB)
+        assert failed.value.errno == errno.EIO
+        ino = os.stat(m / "d/lost").st_ino
+        said = [e for e in watch.events("read failed") if e["ino"] == ino]
+        assert said and f"extent {lost_extent}" in said[0]["reason"], watch.events("read failed")
+
+        os.unlink(m / "d/lost")
+        wait_rebuilt(m)
+        m.unmount()
+    finally:
+        m.force_unmount()
+    assert_clean(pool_dir)
+    m.mount()
+    assert (m / "d/ok").read_bytes() == files["d/ok"]
+    m.unmount()
+
+
+@pytest.mark.parametrize("how", ["failed", "vanished"])
+def test_reads_survive_a_lost_disk_and_a_bad_fragment_and_the_pool_heals(
+        tmp_path: Path, fuse_available: None, how: str) -> None:
+    pool_dir, disks = make_pool(tmp_path, 7, extent_size=256 * KiB)
+    (tmp_path / "mnt").mkdir()
+    m = Mount(pool_dir, tmp_path / "mnt", disks)
+    m.mount()
+    try:
+        files = write_policy_files(m, "ec:4+2", {"ec": 1280 * KiB})
+        write_file(m / "copies", os.urandom(700 * KiB))  # replicate:3 by default
+        files["copies"] = (m / "copies").read_bytes()
+        m.unmount()
+        where = fragment_files(disks)
+        lost_disk = disks[3]
+        # Besides the lost disk's fragment, each extent loses the first fragment a read
+        # tries, so at most two (M) are bad.
+        for i, extent in enumerate(extents_of(pool_dir, "d/ec") + extents_of(pool_dir, "copies")):
+            index = min(x for (e, x), path in where.items()
+                        if e == extent and lost_disk not in path.parents)
+            damage(where[(extent, index)], KINDS[i % len(KINDS)])
+        if how == "failed":
+            cli("set-disk-health", pool_dir, lost_disk, "failed")
+        else:
+            lost_disk.rename(lost_disk.with_name("gone"))
+
+        m.mount()
+        for name, data in files.items():
+            assert (m / name).read_bytes() == data
+        if how == "vanished":
+            cli("probe-disks", pool_dir, check=False)  # finds it missing: failed
+        wait_rebuilt(m)
+        m.unmount()
+    finally:
+        m.force_unmount()
+    assert_clean(pool_dir)
+
+
+def test_a_bad_fragment_found_just_before_unmount_is_repaired_at_the_next_mount(
+        tmp_path: Path, fuse_available: None) -> None:
+    with mounted_pool(tmp_path, disks=6) as m:
+        data = os.urandom(300 * KiB)
+        write_file(m / "f", data)
+        m.unmount()
+        (extent,) = extents_of(m.pool, "f")
+        damage(fragment_files(m.disks)[(extent, 0)], "missing")
+        m.mount()
+        assert (m / "f").read_bytes() == data
+        m.unmount()  # before the rebuilder's next round
+        m.mount()
+        wait_rebuilt(m)
+    assert_clean(m.pool)
