@@ -45,11 +45,11 @@ from dynamicfs.control.protocol import SOCKET_NAME
 from dynamicfs.control.server import ControlServer
 from dynamicfs.disks.faulty import ENV_VAR as FAULTS_ENV
 from dynamicfs.disks.faulty import FaultSpecError, wrap_backends
-from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, is_pool
+from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, is_pool, not_a_pool
 from dynamicfs.errors import DynamicFSError, PoolBusyError, PoolError
 from dynamicfs.fuse.adapter import Operations
+from dynamicfs.maintenance.metacopy import PeriodicCopier
 from dynamicfs.maintenance.rebuilder import BackgroundRebuild
-from dynamicfs.meta.store import DB_NAME
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.observability.log import LEVELS, LOG_DIR, configure_for_pool, error, log
 from dynamicfs.observability.metrics import parse_address, start_metrics_server
@@ -126,8 +126,7 @@ def check_mountable(pool: Path | str, mountpoint: Path | str,
         raise PoolError(f"pool {pool_dir} does not exist; create it with "
                         f"'dynamicfs init {pool_dir}'")
     if not is_pool(pool_dir):
-        raise PoolError(f"{pool_dir} is not a DynamicFS pool (no {DB_NAME}); create one "
-                        f"with 'dynamicfs init {pool_dir}'")
+        raise not_a_pool(pool_dir)
     lock = PoolLock(pool_dir)
     try:
         lock.acquire()
@@ -325,6 +324,7 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
     try:
         _inject_faults(pool_obj)
         namespace = Namespace(pool_obj)
+        copier = PeriodicCopier(pool_obj)
         try:
             opts = fuse_options(pool_dir, options)
             _mount_fuse(Operations(namespace), mnt, opts)
@@ -335,6 +335,7 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
                 _write_mount_files(pool_dir, mnt, opts)
                 control.start()
                 rebuilder.start()
+                copier.start()
                 if options.metrics_address:
                     stop_metrics = start_metrics_server(pool_obj, options.metrics_address)
                 log("mounted", pool=str(pool_dir), mountpoint=str(mnt), options=sorted(opts),
@@ -347,10 +348,12 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
                     stop_metrics()
                 control.stop()
                 rebuilder.stop()
+                copier.stop()
                 pyfuse3.close(unmount=True)
                 log("unmounted", mountpoint=str(mnt))
         finally:
             namespace.close()
+            copier.final()
     finally:
         _remove_mount_files(pool_dir)
         pool_obj.close()

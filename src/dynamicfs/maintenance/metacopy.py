@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,9 +33,10 @@ import blake3
 from dynamicfs.disks.directory import DirectoryDisk
 from dynamicfs.disks.label import LabelError, read_label
 from dynamicfs.engine.pool import ID_BITS, PoolLock
-from dynamicfs.errors import DiskError, PoolError
+from dynamicfs.errors import DiskError, DynamicFSError, PoolError
 from dynamicfs.maintenance.scrub import check_disks
 from dynamicfs.meta.store import DB_NAME
+from dynamicfs.observability.log import log, warn
 
 if TYPE_CHECKING:
     from dynamicfs.engine.pool import Pool
@@ -460,3 +462,48 @@ def _move_aside(pool_dir: Path, why: str) -> list[str]:
             os.replace(path, dest)
             moved.append(str(dest))
     return moved
+
+
+class PeriodicCopier:
+    """In the mount daemon: a metadata copy every INTERVAL seconds while the metadata
+    changes (it commits), and one at unmount (`final()`)."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, pool: Pool, interval: float = INTERVAL) -> None:
+        self.pool = pool
+        self.interval = interval
+        self._copied_at = -1  # MetaStore.commits right after the last copy
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="dynamicfs-metacopy",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.copy_if_changed()
+
+    def copy_if_changed(self) -> bool:
+        if self.pool.meta.commits == self._copied_at and not self.pool.meta.dirty:
+            return False
+        try:
+            report = copy_metadata(self.pool)
+        except (DynamicFSError, OSError, sqlite3.Error) as exc:
+            warn("metadata copy failed", reason=str(exc))
+            return False
+        self._copied_at = self.pool.meta.commits
+        log("metadata copied", generation=report.generation, disks=len(report.disks))
+        return True
+
+    def final(self) -> None:
+        """At unmount, after the last commit: the copies then match the database."""
+        self.stop()
+        self.copy_if_changed()
