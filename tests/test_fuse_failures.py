@@ -85,6 +85,28 @@ def remount_clean(m: Mount) -> None:
     m.mount()
 
 
+class LogWatch:
+    """The JSON events the daemon logged after `offset` (default: from now on)."""
+
+    def __init__(self, pool: Path, offset: int | None = None) -> None:
+        self.path = pool / "logs" / "dynamicfs.log"
+        if offset is None:
+            offset = self.path.stat().st_size if self.path.exists() else 0
+        self.offset = offset
+
+    def events(self, name: str) -> list[dict]:  # type: ignore[type-arg]
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            lines = f.read().decode().splitlines()
+        return [e for e in map(json.loads, lines) if e.get("event") == name]
+
+    def wait_for(self, name: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.events(name):
+            assert time.monotonic() < deadline, f"no {name!r} in the log"
+            time.sleep(0.05)
+
+
 # ---------------------------------------------------------------------- write-back
 def test_data_whose_write_back_failed_reads_eio_never_zeros(
         tmp_path: Path, fuse_available: None) -> None:
@@ -95,6 +117,10 @@ def test_data_whose_write_back_failed_reads_eio_never_zeros(
         write_file(m / "first", first)
         write_file(m / "second", second, fsync=False)  # close comes before the write-back
 
+        # Nothing reads it before the write-back has failed: pages read earlier would
+        # stay in the kernel's cache (keep_cache) and serve the bytes from there.
+        LogWatch(m.pool, offset=0).wait_for("write-back failed")
+        time.sleep(0.2)
         fd = os.open(m / "second", os.O_RDONLY)
         try:
             with pytest.raises(OSError) as read:
@@ -287,20 +313,6 @@ def damage(path: Path, kind: str) -> None:
 
 
 KINDS = ["missing", "payload", "header", "truncated"]
-
-
-class LogWatch:
-    """The JSON events the daemon logs from now on."""
-
-    def __init__(self, pool: Path) -> None:
-        self.path = pool / "logs" / "dynamicfs.log"
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
-
-    def events(self, name: str) -> list[dict]:  # type: ignore[type-arg]
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            lines = f.read().decode().splitlines()
-        return [e for e in map(json.loads, lines) if e.get("event") == name]
 
 
 def wait_rebuilt(m: Mount, timeout: float = 60) -> None:
