@@ -167,7 +167,9 @@ def fill(mnt: Path, prefix: str, size: int, limit: int = 1000
         fd = os.open(mnt / name, os.O_WRONLY | os.O_CREAT, 0o644)
         step = "write"
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             step = "fsync"
             os.fsync(fd)
             step = "close"
