@@ -257,6 +257,33 @@ def test_injected_write_faults_leave_a_consistent_pool_and_fsynced_files_intact(
     m.unmount()
 
 
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("disk=2:read:eio;disk=3:read:bitflip", 0),  # two bad fragments at most: M=2
+    ("read:eio:after=1", errno.EIO),  # every disk fails all but its first read
+])
+def test_injected_read_faults_give_the_right_bytes_or_eio(
+        tmp_path: Path, fuse_available: None, spec: str, expected: int) -> None:
+    with mounted_pool(tmp_path, disks=6) as m:
+        files = write_policy_files(m, "ec:4+2", {"a": 1200 * KiB})
+        write_file(m / "b", os.urandom(700 * KiB))  # replicate:3
+        files["b"] = (m / "b").read_bytes()
+        m.unmount()
+        with faults(spec):
+            m.mount()
+        watch = LogWatch(m.pool)
+        for name, data in files.items():
+            try:
+                assert (m / name).read_bytes() == data
+            except OSError as exc:
+                assert exc.errno == expected, f"{name}: {exc}"
+            else:
+                assert expected == 0, f"{name} read although every disk fails"
+        kinds = {e["kind"] for e in watch.events("fragment error")}
+        assert kinds == ({"read", "checksum"} if expected == 0 else {"read"}), kinds
+        m.unmount()
+    assert_clean(m.pool, repair=True)
+
+
 def disk_rows(pool: Path) -> dict[int, dict]:  # type: ignore[type-arg]
     return {d["id"]: d for d in json.loads(cli("list-disks", pool, "--json").stdout)}
 
