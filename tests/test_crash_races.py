@@ -10,6 +10,11 @@ a real mount.
 - Truncating a file just closed (its data still in flight) and extending it again
   reads zeros past the cut. (The truncate once trimmed the last chunk in a file state
   the flusher had just dropped, so the old bytes came back.)
+- Fragments dropped without ever being named by metadata (the data of a file
+  destroyed while it was written back) are deleted only once a sync in flight is
+  done with them. (They were once deleted under a commit's sync, which then failed:
+  the fsync that started it got ENOENT and the whole transaction was rolled back, so
+  files other programs had just created vanished.)
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
+from dynamicfs.disks.directory import DirectoryDisk
+from dynamicfs.disks.faulty import FaultyDisk
 from fusehelpers import mounted_pool, wait_gone
+from test_engine_support import REP3, KiB, PoolMaker
 
 pytestmark = pytest.mark.fuse
 
@@ -107,3 +116,58 @@ def test_truncate_then_extend_right_after_close_reads_zeros_past_the_cut(
         m.remount()
         assert [p.name for p in sorted(m.mnt.iterdir())
                 if p.read_bytes()[49_165:] != bytes(171_291 - 49_165)] == []
+
+
+class SlowSync(FaultyDisk):
+    """A disk whose sync() waits until `release` is set (and says when it started)."""
+
+    def __init__(self, inner: DirectoryDisk) -> None:
+        super().__init__(inner)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def sync(self, fragment_ids: Iterable[int]) -> None:
+        ids = list(fragment_ids)
+        self.entered.set()
+        self.release.wait(30)
+        super().sync(ids)
+
+
+def wait_any(events: list[threading.Event], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not any(e.is_set() for e in events):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_fragments_dropped_during_a_sync_are_deleted_after_it(tmp_path: Path) -> None:
+    with PoolMaker(tmp_path) as make:
+        pool = make(3)
+        store = pool.store
+        slow = {d: SlowSync(b) for d, b in pool.backends.items()}
+        pool.backends.update(slow)  # type: ignore[arg-type]
+        written = store.write([(os.urandom(64 * KiB), REP3)])
+        outcome: list[BaseException | None] = []
+
+        def sync() -> None:
+            try:
+                store.sync_pending()
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        syncing = threading.Thread(target=sync)
+        syncing.start()
+        assert wait_any([s.entered for s in slow.values()]), "no sync started"
+        dropping = threading.Thread(target=store.discard, args=(written,))
+        dropping.start()
+        time.sleep(0.3)  # discard, if it does not wait, deletes the files now
+        for s in slow.values():
+            s.release.set()
+        syncing.join(30)
+        dropping.join(30)
+        assert outcome == [None]
+        assert not any(pool.backends[r.disk_id].fragment_exists(r.id)
+                       for w in written for r in w.info.fragments)

@@ -352,6 +352,10 @@ class ExtentStore:
         """Delete fragment files no metadata names, and stop waiting to sync them."""
         gone = {r.id for r in rows}
         with self._unsynced_lock:
+            # A sync in flight may have taken these ids already: a file deleted under it
+            # would fail it, and a failed sync rolls back the whole transaction.
+            while self._syncing:
+                self._unsynced_lock.wait()
             for disk_id in {r.disk_id for r in rows} & set(self._unsynced):
                 self._unsynced[disk_id] = [f for f in self._unsynced[disk_id] if f not in gone]
         for r in rows:
