@@ -58,6 +58,7 @@ from dynamicfs.redundancy.policy import AUTO, AUTO_EC_THRESHOLD, parse_policy
 INFLIGHT_LIMIT = 64 * 1024 * 1024
 INODE_CACHE_SIZE = 65536
 READ_AHEAD = 4  # chunks read ahead of a sequential reader
+RECORD_SLICE = 32  # flushed chunks recorded per hold of the lock
 DIRTY_LIMIT = 96 * 1024 * 1024
 FLUSH_BATCH_BYTES = 16 * 1024 * 1024
 FLUSH_BATCH_ITEMS = 256
@@ -750,6 +751,40 @@ class Namespace:
                 self.cond.wait()
             return len(data)
 
+    def write_nowait(self, ino: int, offset: int, data: bytes) -> int | None:
+        """write() if it can be done from memory at once, else None (nothing done).
+
+        For callers that must not wait (the FUSE event loop): no fragment to read for a
+        partial chunk, no error to report, no back-pressure to wait for.
+        """
+        E = self.extent_size
+        with self.lock:
+            st = self.files.get(ino)
+            if st is None or st.error or \
+                    self._inflight_bytes + len(data) > INFLIGHT_LIMIT:
+                return None
+            size = self._row(self.meta.conn, ino)[SIZE]
+            first, last = offset // E, (offset + max(len(data), 1) - 1) // E
+            for chunk in range(first, last + 1):
+                whole = offset <= chunk * E and offset + len(data) >= (chunk + 1) * E
+                if not (whole or chunk in st.dirty or chunk in st.inflight
+                        or chunk * E >= size):
+                    return None
+            return self.write(ino, offset, data)
+
+    def release_nowait(self, ino: int) -> bool:
+        """release() if it needs no extent read (an `auto` rewrite), else False."""
+        with self.lock:
+            st = self.files.get(ino)
+            if st is not None and st.opens == 1 and st.written:
+                try:
+                    if self._row(self.meta.conn, ino)[SIZE] >= AUTO_EC_THRESHOLD:
+                        return False
+                except FsError:
+                    pass
+            self.release(ino)
+            return True
+
     def _check_space(self, nbytes: int) -> None:
         """Fail a write with ENOSPC up front when no extent could be placed at all."""
         healthy = self.pool.healthy_disks()
@@ -894,26 +929,41 @@ class Namespace:
             failure = errno.EIO
             error("write-back failed", inodes=sorted({t[0] for t in todo}), reason=str(exc))
             failed, todo = todo, []
-        with self.lock:
-            todo, written, holes = self._drop_destroyed(todo, written, holes)
-            try:
-                with self.meta.write() as conn:
-                    self.store.record(conn, [w for (ino, _c, _d), w in zip(todo, written,
-                                                                          strict=True)
-                                             if ino in self.files or ino in info])
-                    # In hand-off order, so the last one of a chunk wins; after record(),
-                    # so an extent replaced within this batch is freed, not leaked.
-                    new = {id(t): w.info.id for t, w in zip(todo, written, strict=True)}
-                    gaps = {id(t) for t in holes}
-                    for item in batch:
-                        if id(item) in new or id(item) in gaps:
-                            self._map(conn, item[0], item[1], new.get(id(item)))
-            except BaseException:
-                self.store.discard(written)
-                raise
-            finally:
-                self._finish(batch, failure, todo + holes, failed)
-            self._redo_auto(todo, written)
+        # Recorded in slices, in hand-off order, each under the lock for a short while:
+        # FUSE requests waiting for the lock get in between two slices.
+        extent_of = {id(t): w for t, w in zip(todo, written, strict=True)}
+        gaps = {id(t) for t in holes}
+        lost = {id(t) for t in failed}
+        for start in range(0, len(batch), RECORD_SLICE):
+            part = batch[start: start + RECORD_SLICE]
+            p_todo = [t for t in part if id(t) in extent_of]
+            p_written = [extent_of[id(t)] for t in p_todo]
+            p_holes = [t for t in part if id(t) in gaps]
+            p_failed = [t for t in part if id(t) in lost]
+            with self.lock:
+                p_todo, p_written, p_holes = self._drop_destroyed(p_todo, p_written, p_holes)
+                try:
+                    self._record(part, p_todo, p_written, p_holes)
+                except BaseException:
+                    rest = [extent_of[id(t)] for t in batch[start + RECORD_SLICE:]
+                            if id(t) in extent_of]
+                    self.store.discard(p_written + rest)
+                    self._finish(batch[start:], errno.EIO, [], [])
+                    raise
+                self._finish(part, failure, p_todo + p_holes, p_failed)
+                self._redo_auto(p_todo, p_written)
+
+    def _record(self, part: list[tuple[int, int, bytes]], todo: list[tuple[int, int, bytes]],
+                written: list[WrittenExtent], holes: list[tuple[int, int, bytes]]) -> None:
+        with self.meta.write() as conn:
+            self.store.record(conn, written)
+            # In hand-off order, so the last one of a chunk wins; after record(), so an
+            # extent replaced within this batch is freed, not leaked.
+            new = {id(t): w.info.id for t, w in zip(todo, written, strict=True)}
+            gaps = {id(t) for t in holes}
+            for item in part:
+                if id(item) in new or id(item) in gaps:
+                    self._map(conn, item[0], item[1], new.get(id(item)))
 
     def _drop_destroyed(self, todo: list[tuple[int, int, bytes]], written: list[WrittenExtent],
                         holes: list[tuple[int, int, bytes]]
@@ -943,6 +993,8 @@ class Namespace:
             try:
                 size = self._row(conn, ino)[SIZE]
             except FsError:
+                continue
+            if size < AUTO_EC_THRESHOLD or w.info.policy.kind != "replicate":
                 continue
             policy = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (ino,)).fetchone()[0]
             mapped = conn.execute("SELECT extent_id FROM file_extents WHERE ino = ? AND chunk = ?",
