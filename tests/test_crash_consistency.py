@@ -1,18 +1,19 @@
-"""Crash consistency through a real mount (DESIGN invariant 5): a file workload runs in
-the mount, the mount daemon is killed with SIGKILL at a random moment, and then
+"""Crash consistency through a real mount (DESIGN invariant 5): two file workloads
+(tests/crashload.py) run side by side in the mount, the mount daemon is killed with
+SIGKILL at a random moment, and then
 
 - the pool mounts again at once, although the dead daemon left mount.json, mount.pid
   and its control socket behind;
-- every file the workload fsynced (and journalled outside the mount) reads back byte
+- every file a workload fsynced (and journalled outside the mount) reads back byte
   for byte, every retired one is gone, and every file in the mount is readable;
 - `dynamicfs fsck` finds nothing wrong, `cleanup-orphans --older-than 0s` removes the
   fragments the crash left unreferenced, and `dynamicfs scrub` finds every extent
   healthy.
 
 One pool serves every trial, so later crashes also check the files of earlier trials.
-Each trial is seeded (the workload, and how long it runs before the kill): a failing
-seed replays. DYNAMICFS_CRASH_TRIALS=N runs N trials (default 20), starting at seed
-DYNAMICFS_CRASH_SEED (default 0).
+Each trial is seeded (the workloads, and how long they run before the kill): a failing
+seed replays, as far as the timing of two processes replays. DYNAMICFS_CRASH_TRIALS=N
+runs N trials (default 20), starting at seed DYNAMICFS_CRASH_SEED (default 0).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ CRASHLOAD = Path(__file__).with_name("crashload.py")
 TRIALS = int(os.environ.get("DYNAMICFS_CRASH_TRIALS", "20"))
 FIRST_SEED = int(os.environ.get("DYNAMICFS_CRASH_SEED", "0"))
 KEEP_TRIALS = 3  # trial directories kept (and checked again) after their trial
+WORKLOADS = 2  # per trial, side by side: races between requests show up in a few trials
 
 
 @dataclass
@@ -46,6 +48,11 @@ class CrashPool:
     mount: Mount
     journals: Path
     trials: list[int] = field(default_factory=list)  # seeds whose files are still there
+
+    def workloads(self, seed: int) -> list[tuple[str, int, Path]]:
+        """(directory in the mount, workload seed, journal) of each workload of a trial."""
+        return [(f"t{seed}-{k}", seed * 10 + k, self.journals / f"t{seed}-{k}.jsonl")
+                for k in range(WORKLOADS)]
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +68,26 @@ def crash_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashPool]:
         m.force_unmount()
 
 
-def started(workdir: Path, load: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """Wait until the workload has made its directory: the kill must hit its work, not
-    the start of the Python interpreter."""
+def started(workdirs: list[Path], loads: list[subprocess.Popen[bytes]],
+            timeout: float = 30) -> None:
+    """Wait until the workloads have made their directories: the kill must hit their
+    work, not the start of the Python interpreter."""
     deadline = time.monotonic() + timeout
-    while not workdir.exists():
-        assert load.poll() is None and time.monotonic() < deadline, "the workload did not start"
+    while not all(w.exists() for w in workdirs):
+        assert all(p.poll() is None for p in loads), "a workload stopped at its start"
+        assert time.monotonic() < deadline, "the workloads did not start"
         time.sleep(0.01)
 
 
-def crash(m: Mount, load: subprocess.Popen[bytes], clear_with_unmount: bool) -> None:
-    """SIGKILL the mount daemon (and the workload), then clear the dead mount: with
+def crash(m: Mount, loads: list[subprocess.Popen[bytes]], clear_with_unmount: bool) -> None:
+    """SIGKILL the mount daemon (and the workloads), then clear the dead mount: with
     `dynamicfs unmount` (which also drops the files the daemon left) or with
     `fusermount3 -uz` (which leaves them for the next mount to ignore)."""
     assert m.pid is not None
     os.kill(m.pid, signal.SIGKILL)
-    load.kill()
-    load.wait()
+    for load in loads:
+        load.kill()
+        load.wait()
     wait_gone(m.pid)
     m.pid = None
     assert (m.pool / "mount.json").exists(), "the killed daemon left no mount.json behind"
@@ -130,28 +140,31 @@ def test_fsynced_files_survive_a_kill_9_of_the_mount_daemon(
     if is_mounted(m.mnt):  # an earlier trial failed half-way
         m.force_unmount()
     m.mount()
-    journal = crash_pool.journals / f"t{seed}.jsonl"
-    out_path = crash_pool.journals / f"t{seed}.out"
-    with open(out_path, "wb") as out:
-        load = subprocess.Popen([PY, str(CRASHLOAD), str(m.mnt / f"t{seed}"), str(journal),
-                                 "--seed", str(seed)], stdout=out, stderr=out)
+    mine = crash_pool.workloads(seed)
+    loads = []
+    for name, load_seed, journal in mine:
+        with open(journal.with_suffix(".out"), "wb") as out:
+            loads.append(subprocess.Popen([PY, str(CRASHLOAD), str(m.mnt / name), str(journal),
+                                           "--seed", str(load_seed)], stdout=out, stderr=out))
     try:
-        started(m.mnt / f"t{seed}", load)
+        started([m.mnt / name for name, _, _ in mine], loads)
         time.sleep(rng.uniform(0.2, 2.0))
-        assert load.poll() is None, f"the workload stopped early: {out_path.read_text()}"
+        for (_, _, journal), load in zip(mine, loads, strict=True):
+            assert load.poll() is None, \
+                f"a workload stopped early: {journal.with_suffix('.out').read_text()}"
     finally:
-        crash(m, load, clear_with_unmount=seed % 2 == 1)
+        crash(m, loads, clear_with_unmount=seed % 2 == 1)
     crash_pool.trials.append(seed)
 
     m.mount()
-    checked = sum(check_journal(crash_pool.journals / f"t{s}.jsonl", m.mnt / f"t{s}")
-                  for s in crash_pool.trials)
-    assert checked > 0 or not expected(journal), "nothing was checked"
+    checked = sum(check_journal(journal, m.mnt / name)
+                  for s in crash_pool.trials for name, _, journal in crash_pool.workloads(s))
+    assert checked > 0 or not any(expected(j) for _, _, j in mine), "nothing was checked"
     read_everything(m.mnt)
     while len(crash_pool.trials) > KEEP_TRIALS:
-        old = m.mnt / f"t{crash_pool.trials.pop(0)}"
-        if old.exists():  # a directory never fsynced may be lost in the crash
-            shutil.rmtree(old)
+        for name, _, _ in crash_pool.workloads(crash_pool.trials.pop(0)):
+            if (m.mnt / name).exists():  # a directory never fsynced may be lost in a crash
+                shutil.rmtree(m.mnt / name)
     m.unmount()
 
     code, fsck = run_json("fsck", m.pool)
