@@ -17,20 +17,20 @@ the result. Nothing here prints or knows about file paths.
 
 from __future__ import annotations
 
-import collections
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from sqlite3 import Connection
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from dynamicfs.disks import health
 from dynamicfs.disks.label import LABEL_NAME
 from dynamicfs.errors import UnreadableError
 from dynamicfs.maintenance.metacopy import METADATA_DIR
+from dynamicfs.maintenance.parallel import in_order
 from dynamicfs.placement.placement import Candidate, choose_disks
 from dynamicfs.redundancy.policy import Policy, parse_concrete
 
@@ -48,7 +48,6 @@ REPAIR_REASON = "under-redundant after disk {disk} left the pool"
 # What became of one extent (_move_extent).
 MOVED, GONE, STUCK, STALE = "moved", "gone", "stuck", "stale"
 
-_T = TypeVar("_T")
 
 
 @dataclass
@@ -215,8 +214,9 @@ def drain_disk(pool: Pool, disk_id: int, *, force: bool = False,
                         _forget_disk(pool, disk_id, result)
                     pool.meta.commit()
                 return result
-            for extent_id, (outcome, moved, nbytes) in _in_parallel(
-                    workers, pending, lambda e: _move_extent(pool, e, disk_id)):
+            for extent_id, (outcome, moved, nbytes) in in_order(
+                    workers, pending, lambda e: _move_extent(pool, e, disk_id),
+                    2 * DRAIN_WORKERS):
                 if outcome == STALE:
                     continue
                 if outcome == STUCK:
@@ -232,21 +232,6 @@ def drain_disk(pool: Pool, disk_id: int, *, force: bool = False,
                     since_commit = (0, 0)
                 if progress is not None:
                     progress(done, total, f"extent {extent_id}")
-
-
-def _in_parallel(workers: ThreadPoolExecutor, items: list[int],
-                 fn: Callable[[int], _T]) -> Iterator[tuple[int, _T]]:
-    """fn(item) for each item on the workers, at most 2 per worker in flight, in order."""
-    window: collections.deque[tuple[int, Future[_T]]] = collections.deque()
-    limit = 2 * DRAIN_WORKERS
-    for item in items:
-        window.append((item, workers.submit(fn, item)))
-        if len(window) >= limit:
-            first, fut = window.popleft()
-            yield first, fut.result()
-    while window:
-        first, fut = window.popleft()
-        yield first, fut.result()
 
 
 def _pending(pool: Pool, disk_id: int, skip: set[int]) -> list[int]:

@@ -18,13 +18,16 @@ between two extents). An extent that cannot be completed stays queued.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dynamicfs.disks import health
 from dynamicfs.errors import DynamicFSError, UnreadableError
+from dynamicfs.maintenance.parallel import in_order
 from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.maintenance.scrub import blocker_note, rebuild, repair_blockers
 from dynamicfs.redundancy.policy import parse_concrete
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     Progress = Callable[[int, int, str], None]
 
 COMMIT_EVERY = 64
+REPAIR_WORKERS = 4  # extents rebuilt at once
 # Extents a report lists (with their files); all are counted.
 MAX_LISTED = 1000
 READ_ERROR = "read found a bad or missing fragment"
@@ -183,22 +187,21 @@ def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | N
     counts = {"repaired": 0, "healthy": 0, "partial": 0, "stuck": 0, "unreadable": 0}
     problems: list[RepairItem] = []
     attempted = 0
-    for n, item in enumerate(todo):
-        if should_stop is not None and should_stop():
-            break
-        if progress is not None:
-            progress(n, len(todo), f"extent {item.extent_id}")
-        attempted += 1
-        if not _exists(pool, item.extent_id):
-            _dequeue(pool, item.extent_id)
-            counts["healthy"] += 1
-            continue
-        outcome, detail = _rebuild_one(pool, item)
-        counts[outcome] += 1
-        if outcome not in ("repaired", "healthy") and len(problems) < MAX_LISTED:
-            problems.append(RepairItem(item.extent_id, outcome, detail))
-        if (n + 1) % commit_every == 0:
-            pool.meta.commit()
+    def go_on(_: PendingExtent) -> bool:
+        return should_stop is None or not should_stop()
+
+    with ThreadPoolExecutor(REPAIR_WORKERS, thread_name_prefix="dynamicfs-repair") as workers:
+        results = in_order(workers, itertools.takewhile(go_on, todo),
+                           lambda item: _repair_one(pool, item), 2 * REPAIR_WORKERS)
+        for n, (item, (outcome, detail)) in enumerate(results):
+            if progress is not None:
+                progress(n, len(todo), f"extent {item.extent_id}")
+            attempted += 1
+            counts[outcome] += 1
+            if outcome not in ("repaired", "healthy") and len(problems) < MAX_LISTED:
+                problems.append(RepairItem(item.extent_id, outcome, detail))
+            if (n + 1) % commit_every == 0:
+                pool.meta.commit()
     pool.meta.commit()
     if progress is not None:
         progress(attempted, len(todo), "")
@@ -210,6 +213,13 @@ def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | N
     return RepairReport(len(items), attempted, counts["repaired"], counts["healthy"],
                         counts["partial"], counts["stuck"], counts["unreadable"], remaining,
                         round(time.monotonic() - start, 3), problems, notes)
+
+
+def _repair_one(pool: Pool, item: PendingExtent) -> tuple[str, str]:
+    if not _exists(pool, item.extent_id):
+        _dequeue(pool, item.extent_id)
+        return "healthy", ""
+    return _rebuild_one(pool, item)
 
 
 def _rebuild_one(pool: Pool, item: PendingExtent) -> tuple[str, str]:
