@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchlib import drop_caches, rate
 from dynamicfs.admin.disks import add_disk
 from dynamicfs.admin.init import init_pool
 from dynamicfs.engine.pool import Pool
@@ -93,19 +94,6 @@ def filesystem_type(path: Path) -> str:
         if inside and len(point) > len(best):
             best, kind = point, fields[2]
     return kind
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
-def rate(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e6 if seconds > 0 else 0.0
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import drop_caches, rate
 from dynamicfs.admin.disks import add_disk
 from dynamicfs.admin.init import init_pool
 from dynamicfs.engine.pool import Pool
@@ -39,19 +40,6 @@ BATCH = 8
 DISKS = 6
 SOURCE = 32 * MiB
 TARGET_RATIO = 0.5
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
-def rate(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e6 if seconds > 0 else 0.0
 
 
 def make_pool(base: Path) -> Path:

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from dynamicfs.admin.audited import run_offline
 from dynamicfs.control import client
-from dynamicfs.engine.pool import Pool, is_pool, not_a_pool
-from dynamicfs.errors import PoolBusyError, PoolError
+from dynamicfs.engine.pool import Pool, check_pool_dir
+from dynamicfs.errors import PoolBusyError
 
 # Piped output is read by scripts: tables there keep each row on one line.
 PIPE_WIDTH = 4096
@@ -62,13 +62,7 @@ def flexible(*names: str, optional: Sequence[str] = ()) -> Callable[[Command], C
 
 
 def check_pool_path(path: str) -> Path:
-    pool_dir = Path(path).absolute()
-    if not pool_dir.exists():
-        raise PoolError(f"pool {pool_dir} does not exist; create it with "
-                        f"'dynamicfs init {pool_dir}'")
-    if not is_pool(pool_dir):
-        raise not_a_pool(pool_dir)
-    return pool_dir
+    return check_pool_dir(path)
 
 
 class ProgressBar:

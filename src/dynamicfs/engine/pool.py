@@ -93,6 +93,17 @@ def not_a_pool(pool_dir: Path) -> PoolError:
                      f"'dynamicfs init {pool_dir}'")
 
 
+def check_pool_dir(path: Path | str) -> Path:
+    """The absolute pool directory, or a PoolError saying why it is not one."""
+    pool_dir = Path(path).absolute()
+    if not pool_dir.exists():
+        raise PoolError(f"pool {pool_dir} does not exist; create it with "
+                        f"'dynamicfs init {pool_dir}'")
+    if not is_pool(pool_dir):
+        raise not_a_pool(pool_dir)
+    return pool_dir
+
+
 def mount_info(path: Path) -> dict[str, object] | None:
     try:
         return dict(json.loads((Path(path) / MOUNT_INFO).read_text()))
@@ -157,12 +168,7 @@ class Pool:
     # -- opening -------------------------------------------------------------
     @classmethod
     def open(cls, path: Path | str, *, lock: bool = True) -> Pool:
-        pool_dir = Path(path).absolute()
-        if not pool_dir.exists():
-            raise PoolError(f"pool {pool_dir} does not exist; create it with "
-                            f"'dynamicfs init {pool_dir}'")
-        if not is_pool(pool_dir):
-            raise not_a_pool(pool_dir)
+        pool_dir = check_pool_dir(path)
         pool_lock = PoolLock(pool_dir) if lock else None
         if pool_lock:
             pool_lock.acquire()

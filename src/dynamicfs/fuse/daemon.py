@@ -45,8 +45,8 @@ from dynamicfs.control.protocol import SOCKET_NAME
 from dynamicfs.control.server import ControlServer
 from dynamicfs.disks.faulty import ENV_VAR as FAULTS_ENV
 from dynamicfs.disks.faulty import FaultSpecError, wrap_backends
-from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, is_pool, not_a_pool
-from dynamicfs.errors import DynamicFSError, PoolBusyError, PoolError
+from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, check_pool_dir, is_pool
+from dynamicfs.errors import DynamicFSError, PoolBusyError
 from dynamicfs.fuse.adapter import Operations
 from dynamicfs.maintenance.metacopy import PeriodicCopier
 from dynamicfs.maintenance.rebuilder import BackgroundRebuild
@@ -121,12 +121,7 @@ def check_mountable(pool: Path | str, mountpoint: Path | str,
     says where), a missing or non-directory mountpoint, a non-empty mountpoint without
     `-o nonempty`, a broken mount left on the mountpoint.
     """
-    pool_dir = Path(pool).absolute()
-    if not pool_dir.exists():
-        raise PoolError(f"pool {pool_dir} does not exist; create it with "
-                        f"'dynamicfs init {pool_dir}'")
-    if not is_pool(pool_dir):
-        raise not_a_pool(pool_dir)
+    pool_dir = check_pool_dir(pool)
     lock = PoolLock(pool_dir)
     try:
         lock.acquire()
