@@ -894,13 +894,18 @@ class Namespace:
                     break
                 batch.append(nxt)
                 size += len(nxt[2])
+            finished: set[int] = set()
             try:
-                self._flush_batch(batch)
+                self._flush_batch(batch, finished)
             except BaseException as exc:  # never let the flusher die silently
                 error("flush failed", exc_info=repr(exc))
-                self._finish(batch, errno.EIO, [], batch)
+                # Each hand-off is finished exactly once, or pending counts go wrong.
+                rest = [t for t in batch if id(t) not in finished]
+                self._finish(rest, errno.EIO, [], rest)
 
-    def _flush_batch(self, batch: list[tuple[int, int, bytes]]) -> None:
+    def _flush_batch(self, batch: list[tuple[int, int, bytes]], finished: set[int]) -> None:
+        """Write a batch of hand-offs and record them; adds each item's id() to
+        `finished` once _finish() has accounted for it."""
         with self.meta.read() as conn:
             info = {}
             for ino in {b[0] for b in batch}:
@@ -949,8 +954,10 @@ class Namespace:
                             if id(t) in extent_of]
                     self.store.discard(p_written + rest)
                     self._finish(batch[start:], errno.EIO, [], [])
+                    finished.update(id(t) for t in batch[start:])
                     raise
                 self._finish(part, failure, p_todo + p_holes, p_failed)
+                finished.update(id(t) for t in part)
                 self._redo_auto(p_todo, p_written)
 
     def _record(self, part: list[tuple[int, int, bytes]], todo: list[tuple[int, int, bytes]],
