@@ -38,9 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib import drop_caches, rate
-from dynamicfs.admin.disks import add_disk
-from dynamicfs.admin.init import init_pool
+from benchlib import drop_caches, make_pool, rate
 from dynamicfs.engine.pool import Pool
 from dynamicfs.redundancy.policy import Policy, parse_concrete
 from dynamicfs.sizes import format_size, parse_size
@@ -103,17 +101,6 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 # -- the engine ---------------------------------------------------------------------------
-def make_pool(base: Path) -> Path:
-    pool_dir = base / "pool"
-    init_pool(pool_dir)
-    with Pool.open(pool_dir) as pool:
-        for i in range(DISKS):
-            disk = base / f"disk{i}"
-            disk.mkdir()
-            add_disk(pool, disk)
-    return pool_dir
-
-
 def engine_write(pool: Pool, source: Source, count: int, policy: Policy) -> list[int]:
     ids: list[int] = []
     for start in range(0, count, BATCH):
@@ -280,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({kind}), {EXTENT // MiB} MiB extents, {BATCH} per metadata change; "
           f"load average {load()}")
     try:
-        pool_dir = make_pool(base)
+        pool_dir, _ = make_pool(base, DISKS)
         disk_dirs = [base / f"disk{i}" for i in range(DISKS)]
         source = Source()
         warm_up(disk_dirs, source, size)

@@ -29,61 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import drop_caches, rate
+from benchlib import drop_caches, fill, make_pool, rate, read_files
 from dynamicfs.admin.disks import add_disk, set_disk_health
-from dynamicfs.admin.init import init_pool
 from dynamicfs.engine.pool import Pool
 from dynamicfs.maintenance.repair import rebuild_pending
 from dynamicfs.redundancy.policy import parse_concrete
 from dynamicfs.sizes import format_size, parse_size
 
 MiB = 1024 * 1024
-EXTENT = MiB
-BATCH = 8
 DISKS = 6
-SOURCE = 32 * MiB
 POLICY = parse_concrete("ec:4+2")
 TARGET_RATIO = 0.3
-
-
-def make_pool(base: Path) -> tuple[Path, list[Path]]:
-    pool_dir = base / "pool"
-    init_pool(pool_dir)
-    disks = []
-    with Pool.open(pool_dir) as pool:
-        for i in range(DISKS):
-            disk = base / f"disk{i}"
-            disk.mkdir()
-            add_disk(pool, disk)
-            disks.append(disk)
-    return pool_dir, disks
-
-
-def fill(pool: Pool, size: int) -> int:
-    """Store `size` bytes of incompressible data as ec:4+2 extents; how many."""
-    buf = os.urandom(SOURCE + EXTENT)
-    count = size // EXTENT
-    for start in range(0, count, BATCH):
-        items = []
-        for i in range(start, min(count, start + BATCH)):
-            at = (i * 1_048_573) % SOURCE
-            items.append((buf[at: at + EXTENT], POLICY))
-        with pool.meta.write() as conn:
-            pool.store.store(conn, items)
-        pool.meta.commit()
-    return count
-
-
-def plain_read(disk: Path) -> int:
-    total = 0
-    for path in sorted(disk.glob("fragments/*/*.frag")):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            while chunk := os.read(fd, MiB):
-                total += len(chunk)
-        finally:
-            os.close(fd)
-    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rebuild benchmark: {format_size(size)} under {POLICY}, {DISKS} disks in {base}; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     try:
-        pool_dir, disks = make_pool(base)
+        pool_dir, disks = make_pool(base, DISKS)
         with Pool.open(pool_dir) as pool:
-            extents = fill(pool, size)
+            extents = len(fill(pool, size, POLICY))
         victim = disks[2]
 
         drop_caches()
         start = time.perf_counter()
-        plain = plain_read(victim)
+        plain = read_files(sorted(victim.glob("fragments/*/*.frag")))
         t_plain = time.perf_counter() - start
 
         spare = base / "spare"

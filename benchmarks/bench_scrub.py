@@ -26,9 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import drop_caches, rate
-from dynamicfs.admin.disks import add_disk
-from dynamicfs.admin.init import init_pool
+from benchlib import drop_caches, fill, make_pool, rate, read_files
 from dynamicfs.engine.pool import Pool
 from dynamicfs.maintenance.scrub import scrub
 from dynamicfs.redundancy.policy import Policy, parse_concrete
@@ -38,51 +36,12 @@ MiB = 1024 * 1024
 EXTENT = MiB
 BATCH = 8
 DISKS = 6
-SOURCE = 32 * MiB
 TARGET_RATIO = 0.5
-
-
-def make_pool(base: Path) -> Path:
-    pool_dir = base / "pool"
-    init_pool(pool_dir)
-    with Pool.open(pool_dir) as pool:
-        for i in range(DISKS):
-            disk = base / f"disk{i}"
-            disk.mkdir()
-            add_disk(pool, disk)
-    return pool_dir
-
-
-def fill(pool: Pool, size: int, policy: Policy) -> list[int]:
-    buf = os.urandom(SOURCE + EXTENT)
-    ids: list[int] = []
-    count = size // EXTENT
-    for start in range(0, count, BATCH):
-        items = []
-        for i in range(start, min(count, start + BATCH)):
-            at = (i * 1_048_573) % SOURCE
-            items.append((buf[at: at + EXTENT], policy))
-        with pool.meta.write() as conn:
-            ids += pool.store.store(conn, items)
-    pool.meta.commit()
-    return ids
-
-
-def plain_read(base: Path) -> int:
-    total = 0
-    for path in sorted(base.glob("disk*/fragments/*/*.frag")):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            while chunk := os.read(fd, MiB):
-                total += len(chunk)
-        finally:
-            os.close(fd)
-    return total
 
 
 def run_policy(base: Path, pool_dir: Path, size: int, policy: Policy, cold: bool) -> str:
     with Pool.open(pool_dir) as pool:
-        ids = fill(pool, size, policy)
+        ids = fill(pool, size, policy, EXTENT, BATCH)
     if cold:
         drop_caches()
     with Pool.open(pool_dir) as pool:
@@ -93,7 +52,7 @@ def run_policy(base: Path, pool_dir: Path, size: int, policy: Policy, cold: bool
     if cold:
         drop_caches()
     start = time.perf_counter()
-    plain = plain_read(base)
+    plain = read_files(sorted(base.glob("disk*/fragments/*/*.frag")))
     t_plain = time.perf_counter() - start
     if cold:
         drop_caches()
@@ -129,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scrub benchmark: {format_size(size)} per policy, {DISKS} disks in {base}; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     try:
-        pool_dir = make_pool(base)
+        pool_dir, _ = make_pool(base, DISKS)
         print(f"{'policy':<13}{'scrub MB/s':>11}{'plain MB/s':>12}{'ratio':>8}"
               f"{'engine MB/s':>13}  target")
         for policy in policies:

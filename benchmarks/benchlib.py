@@ -1,9 +1,18 @@
-"""What the benchmarks share: dropping the page cache, and rates in MB/s."""
+"""What the benchmarks share: a pool to measure, data to fill it with, plain reads of
+files, dropping the page cache, and rates in MB/s."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+
+from dynamicfs.admin.disks import add_disk
+from dynamicfs.admin.init import init_pool
+from dynamicfs.engine.pool import Pool
+from dynamicfs.redundancy.policy import Policy
+
+MiB = 1024 * 1024
 
 
 def drop_caches() -> bool:
@@ -19,3 +28,46 @@ def drop_caches() -> bool:
 def rate(nbytes: int, seconds: float) -> float:
     """Bytes per second in MB/s (10^6)."""
     return nbytes / seconds / 1e6 if seconds > 0 else 0.0
+
+
+def make_pool(base: Path, disks: int = 6) -> tuple[Path, list[Path]]:
+    """A new pool in base/pool with `disks` directory disks base/disk0..; (pool, disks)."""
+    pool_dir = base / "pool"
+    init_pool(pool_dir)
+    paths = []
+    with Pool.open(pool_dir) as pool:
+        for i in range(disks):
+            disk = base / f"disk{i}"
+            disk.mkdir()
+            add_disk(pool, disk)
+            paths.append(disk)
+    return pool_dir, paths
+
+
+def fill(pool: Pool, size: int, policy: Policy, extent: int = MiB, batch: int = 8) -> list[int]:
+    """Store `size` bytes of incompressible data as extents under `policy`; their ids."""
+    source = 32 * MiB
+    buf = os.urandom(source + extent)
+    ids: list[int] = []
+    count = size // extent
+    for start in range(0, count, batch):
+        items = [(buf[at: at + extent], policy)
+                 for at in ((i * 1_048_573) % source
+                            for i in range(start, min(count, start + batch)))]
+        with pool.meta.write() as conn:
+            ids += pool.store.store(conn, items)
+        pool.meta.commit()
+    return ids
+
+
+def read_files(paths: Iterable[Path]) -> int:
+    """Read each file whole in 1 MiB reads, as plain reads do; the bytes read."""
+    total = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, MiB):
+                total += len(chunk)
+        finally:
+            os.close(fd)
+    return total
