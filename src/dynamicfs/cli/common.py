@@ -7,7 +7,6 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import click
@@ -61,10 +60,6 @@ def flexible(*names: str, optional: Sequence[str] = ()) -> Callable[[Command], C
     return decorate
 
 
-def check_pool_path(path: str) -> Path:
-    return check_pool_dir(path)
-
-
 class ProgressBar:
     """A rich progress bar fed by (done, total, message) callbacks; silent with --json."""
 
@@ -96,7 +91,7 @@ class ProgressBar:
 def run_op(pool_path: str, op: str, args: dict[str, Any] | None = None, *,
            progress_label: str | None = None, show_progress: bool = True) -> Any:
     """Run an admin operation: in-process when the pool is free, else in its mount daemon."""
-    pool_dir = check_pool_path(pool_path)
+    pool_dir = check_pool_dir(pool_path)
     args = args or {}
     with ProgressBar(progress_label or op, enabled=show_progress) as bar:
         try:

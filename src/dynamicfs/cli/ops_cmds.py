@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from dynamicfs.cli.common import check_pool_path, flexible, print_json, print_table, run_op
+from dynamicfs.cli.common import flexible, print_json, print_table, run_op
 from dynamicfs.control import client
-from dynamicfs.engine.pool import Pool
+from dynamicfs.engine.pool import Pool, check_pool_dir
 from dynamicfs.errors import PoolBusyError
 from dynamicfs.maintenance.background import FREQUENCIES, INTENSITIES
 from dynamicfs.observability import log as logmod
@@ -129,7 +129,7 @@ def _serve_until_stopped(server: metrics.MetricsServer, what: str) -> None:
 
 
 def metrics_server(pool: str, address: str) -> None:
-    pool_dir = check_pool_path(pool)
+    pool_dir = check_pool_dir(pool)
     try:
         opened = Pool.open(pool_dir)
     except PoolBusyError:
