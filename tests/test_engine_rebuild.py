@@ -156,3 +156,59 @@ def test_a_rebuild_whose_writes_fail_leaves_consistent_metadata(make_pool: PoolM
     pool.meta.commit()
     assert_whole(pool, extent_id, EC42, data)
     assert_accounting_matches_files(pool)
+
+
+def checksums(pool: Pool, extent_id: int) -> dict[int, bytes]:
+    with pool.meta.read() as conn:
+        return dict(conn.execute("SELECT idx, checksum FROM fragments WHERE extent_id = ?",
+                                 (extent_id,)).fetchall())
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_rebuild_after_a_disk_failure_reads_only_k_fragments(make_pool: PoolMaker,
+                                                             parallel: bool) -> None:
+    pool = make_pool(7)
+    data = random.Random(11).randbytes(300 * KiB)
+    (extent_id,) = store(pool, [(data, EC42)])
+    before = checksums(pool, extent_id)
+    set_disk_health(pool, str(disk_of(pool, extent_id, 2)), "failed")
+    reads = sum(d.reads for d in pool.disks.values())
+    assert pool.store.rebuild(extent_id, verify=False, parallel=parallel) == "repaired"
+    pool.meta.commit()
+    assert sum(d.reads for d in pool.disks.values()) - reads == EC42.k
+    # The re-created fragment is byte for byte the lost one (checked against its checksum).
+    assert checksums(pool, extent_id) == before
+    assert_whole(pool, extent_id, EC42, data)
+    assert_accounting_matches_files(pool)
+
+
+def test_rebuild_without_verify_recreates_a_bad_fragment_it_meets(make_pool: PoolMaker) -> None:
+    pool = make_pool(7)
+    data = random.Random(12).randbytes(300 * KiB)
+    (extent_id,) = store(pool, [(data, EC42)])
+    set_disk_health(pool, str(disk_of(pool, extent_id, 5)), "failed")
+    bad = fragment_file(pool, extent_id, 0)
+    raw = bytearray(bad.read_bytes())
+    raw[-1] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    assert pool.store.rebuild(extent_id, verify=False) == "repaired"
+    pool.meta.commit()
+    assert_whole(pool, extent_id, EC42, data)
+    assert_accounting_matches_files(pool)
+
+
+def test_rebuild_without_verify_trusts_fragments_it_did_not_need(make_pool: PoolMaker) -> None:
+    # A bad parity fragment is not read when the data shards suffice: finding it is
+    # scrub's work, and a verifying rebuild (what a scrub or a read queues) re-creates it.
+    pool = make_pool(7)
+    data = random.Random(13).randbytes(300 * KiB)
+    (extent_id,) = store(pool, [(data, EC42)])
+    set_disk_health(pool, str(disk_of(pool, extent_id, 1)), "failed")
+    parity = fragment_file(pool, extent_id, 5)
+    parity.write_bytes(parity.read_bytes()[:100])
+    assert pool.store.rebuild(extent_id, verify=False) == "repaired"
+    pool.meta.commit()
+    assert fragment_file(pool, extent_id, 5) == parity
+    assert pool.store.rebuild(extent_id, verify=True) == "repaired"
+    pool.meta.commit()
+    assert_whole(pool, extent_id, EC42, data)

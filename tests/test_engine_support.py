@@ -103,7 +103,9 @@ def read_fresh(pool: Pool, extent_id: int) -> bytes:
 
 
 def files_on_disks(pool: Pool) -> list[int]:
-    """Fragment ids of every fragment file on every disk (duplicates kept)."""
+    """Fragment ids of every fragment file on every disk (duplicates kept), once the
+    files freed by past commits are unlinked (that happens on a background thread)."""
+    pool.store.wait_for_unlinks()
     return [fid for d in pool.disks.values() for fid, _ in DirectoryDisk(d.path).list_fragments()]
 
 

@@ -51,6 +51,9 @@ class PendingExtent:
     extent_id: int
     margin: int  # fragments that count minus k: how many more losses it survives
     reason: str
+    # Queued because something was found bad: read every fragment to find all that are.
+    # Otherwise the metadata alone says what is missing (a failed disk, too few fragments).
+    verify: bool = True
 
 
 @dataclass
@@ -133,6 +136,7 @@ def pending_repairs(pool: Pool) -> list[PendingExtent]:
         reasons: dict[int, str] = {}
         for extent_id, reason in conn.execute("SELECT extent_id, reason FROM repair_queue"):
             reasons[extent_id] = reason
+        queued = set(reasons)
         for (extent_id,) in conn.execute(
                 "SELECT DISTINCT extent_id FROM fragments "
                 f"WHERE disk_id IN {id_list(failed)} OR disk_id NOT IN "
@@ -150,7 +154,7 @@ def pending_repairs(pool: Pool) -> list[PendingExtent]:
             count = conn.execute(f"SELECT count(*) FROM fragments WHERE extent_id = ? AND "
                                  f"disk_id IN {id_list(counting)}", (extent_id,)).fetchone()[0]
             margins[extent_id] = count - parse_concrete(row[0]).k
-    items = [PendingExtent(e, margins[e], reasons[e]) for e in reasons]
+    items = [PendingExtent(e, margins[e], reasons[e], e in queued) for e in reasons]
     items.sort(key=lambda p: (p.margin, p.extent_id))
     return items
 
@@ -224,7 +228,8 @@ def _repair_one(pool: Pool, item: PendingExtent) -> tuple[str, str]:
 
 def _rebuild_one(pool: Pool, item: PendingExtent) -> tuple[str, str]:
     try:
-        outcome = rebuild(pool, item.extent_id)
+        # The workers overlap many extents: each reads its fragments without thread hops.
+        outcome = rebuild(pool, item.extent_id, verify=item.verify, parallel=False)
     except UnreadableError as exc:
         _requeue(pool, item.extent_id, f"unreadable: {exc}")
         return "unreadable", str(exc)

@@ -431,14 +431,14 @@ def _judge(pool: Pool, state: ScrubState, check: ExtentCheck, repair: bool,
 REBUILD_TRIES = 3
 
 
-def rebuild(pool: Pool, extent_id: int) -> str:
+def rebuild(pool: Pool, extent_id: int, *, verify: bool = True, parallel: bool = True) -> str:
     """ExtentStore.rebuild, tried again while it reports 'stale' (the extent changed
     under it, nothing done); 'gone' when the extent was freed meanwhile."""
     outcome = "stale"
     for _ in range(REBUILD_TRIES):
         if load_extent(pool, extent_id) is None:
             return "gone"
-        outcome = pool.store.rebuild(extent_id)
+        outcome = pool.store.rebuild(extent_id, verify=verify, parallel=parallel)
         if outcome != "stale":
             break
     return outcome
