@@ -97,6 +97,35 @@ def test_decode_fails_unreadable_when_one_loss_too_many(policy: Policy, data: by
             codecs.reconstruct(policy, remaining, list(lost))
 
 
+@pytest.mark.parametrize("policy", EC_POLICIES, ids=str)
+@codec_settings
+@given(data=extents())
+def test_join_data_of_the_data_fragments_is_the_extent(policy: Policy, data: bytes) -> None:
+    # Payloads arrive as memoryviews from fragment files; pyeclib is handed bytes.
+    fragments = [memoryview(f) for f in codecs.encode(policy, data)]
+    present = dict(enumerate(fragments))
+    assert codecs.join_data(policy, present, len(data)) == data
+    assert codecs.decode(policy, present, len(data)) == data
+    lost_data = {i: f for i, f in present.items() if i != 0}
+    assert codecs.join_data(policy, lost_data, len(data)) is None
+    assert codecs.decode(policy, lost_data, len(data)) == data
+
+
+def test_join_data_declines_fragments_whose_headers_do_not_add_up() -> None:
+    policy = ec(4, 2)
+    data = random.Random(3).randbytes(5000)
+    fragments = dict(enumerate(codecs.encode(policy, data)))
+    assert codecs.join_data(policy, fragments, len(data) + 10_000) is None
+    short = dict(fragments)
+    short[1] = short[1][:60]  # shorter than pyeclib's header
+    assert codecs.join_data(policy, short, len(data)) is None
+    lying = dict(fragments)
+    head = bytearray(lying[2])
+    head[4:8] = (10**6).to_bytes(4, "little")  # a data part longer than the fragment
+    lying[2] = bytes(head)
+    assert codecs.join_data(policy, lying, len(data)) is None
+
+
 def test_decode_refuses_a_wrong_extent_length() -> None:
     policy = ec(4, 2)
     data = random.Random(7).randbytes(10_000)

@@ -38,6 +38,7 @@ from dynamicfs.errors import FsError, NoSpaceError, UnreadableError
 from dynamicfs.observability.log import warn
 from dynamicfs.placement.placement import Candidate, choose_disks
 from dynamicfs.redundancy import codecs
+from dynamicfs.redundancy.codecs import Payload
 from dynamicfs.redundancy.policy import Policy, parse_concrete
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
 
 CACHE_BYTES = 64 * 1024 * 1024
 # Extents read ahead at most at once.
-READ_AHEAD_MAX = 8
+AHEAD_PARALLEL = False
+READ_AHEAD_MAX = 16
 STATVFS_TTL = 1.0
 # A healthy disk with this many errors within SUSPECT_WINDOW seconds becomes suspect
 # (ZFS's diagnosis engine uses the same 10 errors in 10 minutes).
@@ -100,17 +102,17 @@ class ExtentCache:
     def __init__(self, limit: int = CACHE_BYTES) -> None:
         self.limit = limit
         self.size = 0
-        self._items: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._items: collections.OrderedDict[int, Payload] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, extent_id: int) -> bytes | None:
+    def get(self, extent_id: int) -> Payload | None:
         with self._lock:
             data = self._items.get(extent_id)
             if data is not None:
                 self._items.move_to_end(extent_id)
             return data
 
-    def put(self, extent_id: int, data: bytes) -> None:
+    def put(self, extent_id: int, data: Payload) -> None:
         if len(data) > self.limit // 4:
             return
         with self._lock:
@@ -142,8 +144,8 @@ class ExtentStore:
         self.cache = ExtentCache()
         # Read-ahead has its own threads: its reads wait on fragment reads that run on
         # `executor`, so sharing one pool could fill it with waiters.
-        self._ahead_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dynamicfs-ahead")
-        self._ahead: dict[int, Future[bytes]] = {}
+        self._ahead_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dynamicfs-ahead")
+        self._ahead: dict[int, Future[Payload]] = {}
         # Freed fragment files are unlinked here, after their commit: freeing a file's
         # blocks costs the filesystem about a millisecond, which commits need not wait for.
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynamicfs-unlink")
@@ -215,7 +217,7 @@ class ExtentStore:
         """
         candidates = self._candidates()
         plans: list[tuple[ExtentInfo, list[bytes]]] = []
-        queued: dict[int, list[tuple[FragmentRow, bytes]]] = collections.defaultdict(list)
+        queued: dict[int, list[tuple[FragmentRow, Payload]]] = collections.defaultdict(list)
         queued_bytes: collections.Counter[int] = collections.Counter()
         futures: list[tuple[int, Future[None]]] = []
         try:
@@ -266,7 +268,7 @@ class ExtentStore:
                 c.free -= size
         self.pool.disks[disk_id].used += size
 
-    def _write_fragments(self, disk_id: int, work: list[tuple[FragmentRow, bytes]]) -> None:
+    def _write_fragments(self, disk_id: int, work: list[tuple[FragmentRow, Payload]]) -> None:
         backend = self.pool.backends[disk_id]
         info = self.pool.disks[disk_id]
         for row, payload in work:
@@ -295,7 +297,7 @@ class ExtentStore:
                 raise exc
         return failed
 
-    def _write_per_disk(self, per_disk: dict[int, list[tuple[FragmentRow, bytes]]]
+    def _write_per_disk(self, per_disk: dict[int, list[tuple[FragmentRow, Payload]]]
                         ) -> dict[int, OSError]:
         """One task per disk; returns the disks whose writes failed."""
         if len(per_disk) == 1:  # nothing to overlap: write here, without a thread hop
@@ -443,7 +445,7 @@ class ExtentStore:
         return ExtentInfo(extent_id, row[0], row[1], parse_concrete(row[2]),
                           [FragmentRow(*f) for f in frags])
 
-    def read(self, extent_id: int) -> bytes:
+    def read(self, extent_id: int) -> Payload:
         """The extent's bytes, verified; UnreadableError (EIO) if that is impossible."""
         data = self.cache.get(extent_id)
         if data is not None:
@@ -457,9 +459,9 @@ class ExtentStore:
                 pass
         return self._read_uncached(extent_id)
 
-    def _read_uncached(self, extent_id: int) -> bytes:
+    def _read_uncached(self, extent_id: int, parallel: bool = True) -> Payload:
         info = self.load(extent_id)
-        data = self._read_verified(info)
+        data = self._read_verified(info, parallel)
         self.cache.put(extent_id, data)
         return data
 
@@ -473,9 +475,9 @@ class ExtentStore:
                     continue
                 self._ahead[extent_id] = self._ahead_pool.submit(self._read_ahead, extent_id)
 
-    def _read_ahead(self, extent_id: int) -> bytes:
+    def _read_ahead(self, extent_id: int) -> Payload:
         try:
-            return self._read_uncached(extent_id)
+            return self._read_uncached(extent_id, parallel=AHEAD_PARALLEL)
         finally:
             with self._ahead_lock:
                 self._ahead.pop(extent_id, None)
@@ -491,17 +493,17 @@ class ExtentStore:
 
         return sorted(rows, key=key)
 
-    def _read_verified(self, info: ExtentInfo) -> bytes:
+    def _read_verified(self, info: ExtentInfo, parallel: bool = True) -> Payload:
         order = self._read_order(info)
         need = info.policy.k
-        good: dict[int, bytes] = {}
+        good: dict[int, Payload] = {}
         problems: list[str] = []
         pos = 0
         while len(good) < need and pos < len(order):
             batch = order[pos: pos + need - len(good)]
             pos += len(batch)
-            if len(batch) == 1:
-                results = [(batch[0], self.read_fragment(info, batch[0]))]
+            if len(batch) == 1 or not parallel:
+                results = [(r, self.read_fragment(info, r)) for r in batch]
             else:
                 futs = [(r, self.executor.submit(self.read_fragment, info, r)) for r in batch]
                 results = [(r, f.result()) for r, f in futs]
@@ -517,12 +519,16 @@ class ExtentStore:
             detail = "; ".join(problems) or "no readable fragment"
             raise UnreadableError(f"extent {info.id}: {len(good)} of {need} needed fragments "
                                   f"good ({detail})")
+        joined = codecs.join_data(info.policy, good, info.length) if info.policy.kind == "ec" \
+            else None
+        if joined is not None and blake3.blake3(joined).digest() == info.checksum:
+            return joined
         data = codecs.decode(info.policy, good, info.length)
         if blake3.blake3(data).digest() != info.checksum:
             raise UnreadableError(f"extent {info.id}: decoded bytes fail the extent checksum")
         return data
 
-    def read_fragment(self, info: ExtentInfo, row: FragmentRow) -> tuple[bytes | None, str]:
+    def read_fragment(self, info: ExtentInfo, row: FragmentRow) -> tuple[Payload | None, str]:
         """One fragment's payload if it passes every check, else (None, why)."""
         backend = self.pool.backends.get(row.disk_id)
         if backend is None:
@@ -547,7 +553,7 @@ class ExtentStore:
         except fragfmt.FragmentError as exc:
             self.note_disk_error(row.disk_id, "checksum", str(exc), row.id)
             return None, f"fragment {row.index} on disk {row.disk_id}: {exc}"
-        return bytes(payload), ""
+        return payload, ""
 
     # -- health bookkeeping ------------------------------------------------------
     def note_disk_error(self, disk_id: int, kind: str, detail: str,
@@ -686,7 +692,7 @@ class ExtentStore:
                     if r.disk_id in disks and disks[r.disk_id].readable]
         read = self._read_rows(info, [r for r in readable if verify or r.disk_id in evacuate],
                                parallel)
-        good: dict[int, bytes] = {}
+        good: dict[int, Payload] = {}
         keep: dict[int, FragmentRow] = {}
         drop: list[FragmentRow] = []
         for row in sorted(info.fragments, key=lambda r: r.disk_id in evacuate):
@@ -718,7 +724,7 @@ class ExtentStore:
         return self._place_rebuilt(info, keep, drop, have)
 
     def _read_rows(self, info: ExtentInfo, rows: list[FragmentRow],
-                   parallel: bool = True) -> dict[int, bytes | None]:
+                   parallel: bool = True) -> dict[int, Payload | None]:
         """Fragment id -> checked payload (None if bad or unreadable), read in parallel
         or, for callers that rebuild many extents at once, one after another here."""
         if len(rows) <= 1 or not parallel:
@@ -727,7 +733,7 @@ class ExtentStore:
         return {r.id: f.result()[0] for r, f in futures}
 
     def _top_up_good(self, info: ExtentInfo, keep: dict[int, FragmentRow],
-                     drop: list[FragmentRow], good: dict[int, bytes], parallel: bool) -> None:
+                     drop: list[FragmentRow], good: dict[int, Payload], parallel: bool) -> None:
         """Read kept fragments not read yet until k are good; one found bad is dropped
         (so it is re-created too)."""
         k = info.policy.k
@@ -744,8 +750,8 @@ class ExtentStore:
                 else:
                     good.setdefault(row.index, payload)
 
-    def _recreate(self, info: ExtentInfo, good: dict[int, bytes],
-                  need: list[int]) -> dict[int, bytes]:
+    def _recreate(self, info: ExtentInfo, good: dict[int, Payload],
+                  need: list[int]) -> dict[int, Payload]:
         """The payloads at `need`, re-created from good fragments and checked: against the
         lost fragment's recorded checksum when there is one, else by decoding the extent
         and checking its checksum."""
@@ -761,7 +767,7 @@ class ExtentStore:
         return made
 
     def _place_rebuilt(self, info: ExtentInfo, keep: dict[int, FragmentRow],
-                       drop: list[FragmentRow], payloads: dict[int, bytes]) -> str:
+                       drop: list[FragmentRow], payloads: dict[int, Payload]) -> str:
         candidates = self._candidates()
         used = {r.disk_id for r in keep.values()}
         # A dropped row on a readable disk stays unless its index gets a new home; until
@@ -769,7 +775,7 @@ class ExtentStore:
         held = [(r.index, r.disk_id) for r in drop
                 if r.disk_id in self.pool.disks and self.pool.disks[r.disk_id].readable]
         new_rows: list[FragmentRow] = []
-        per_disk: dict[int, list[tuple[FragmentRow, bytes]]] = collections.defaultdict(list)
+        per_disk: dict[int, list[tuple[FragmentRow, Payload]]] = collections.defaultdict(list)
         for index in sorted(payloads):
             payload = payloads[index]
             size = fragfmt.HEADER_SIZE + len(payload)

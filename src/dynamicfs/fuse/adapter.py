@@ -270,7 +270,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         return await self._run(self.ns.read, fh, off, size)
 
     @_handler
@@ -333,6 +333,8 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ xattrs
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.ns.xattr_never_set(name):  # e.g. security.capability, before every write
+            raise pyfuse3.FUSEError(errno.ENODATA)
         return await self._run_quick(self.ns.getxattr, inode, name)
 
     @_handler

@@ -57,11 +57,18 @@ from dynamicfs.redundancy.policy import AUTO, AUTO_EC_THRESHOLD, parse_policy
 
 INFLIGHT_LIMIT = 64 * 1024 * 1024
 INODE_CACHE_SIZE = 65536
-READ_AHEAD = 4  # chunks read ahead of a sequential reader
+READ_AHEAD = 8  # chunks read ahead of a sequential reader
 RECORD_SLICE = 32  # flushed chunks recorded per hold of the lock
 DIRTY_LIMIT = 96 * 1024 * 1024
 FLUSH_BATCH_BYTES = 16 * 1024 * 1024
 FLUSH_BATCH_ITEMS = 256
+# A batch of less than FLUSH_LINGER_BELOW bytes waits up to FLUSH_LINGER seconds for more
+# (many small files closed one after another: one batch, one hold of the lock, instead of
+# one each), unless someone waits for the flusher (_wait_for_flusher).
+FLUSH_LINGER = 0.01
+FLUSH_LINGER_BELOW = 1024 * 1024
+# Queued by _wait_for_flusher: "someone is waiting, do not linger".
+_HURRY: tuple[int, int, bytes] = (0, -1, b"")
 ATIME_GRACE_NS = 24 * 3600 * 10**9
 
 Row = tuple[Any, ...]
@@ -118,6 +125,12 @@ class Namespace:
         self._dirty_inodes: set[int] = set()
         self.meta.before_commit.insert(0, self._flush_inodes)
         self.meta.after_rollback.append(self._drop_cache)
+        # Every xattr name the pool may hold (a superset: never shrinks while mounted).
+        # The kernel asks for security.capability before every write; a name never set
+        # is answered without the lock (xattr_never_set).
+        with self.meta.read() as conn:
+            self._xattr_names = {bytes(r[0]) for r in
+                                 conn.execute("SELECT DISTINCT name FROM xattrs")}
         self._remove_unlinked()
         self._flusher = threading.Thread(target=self._flush_loop, name="dynamicfs-flusher",
                                          daemon=True)
@@ -141,7 +154,7 @@ class Namespace:
             for ino, st in list(self.files.items()):
                 self._enqueue_dirty(ino, st)
             while any(st.pending for st in self.files.values()):
-                self.cond.wait()
+                self._wait_for_flusher()
         self.meta.commit()
 
     def _remove_unlinked(self) -> None:
@@ -576,7 +589,7 @@ class Namespace:
             if chunk in st.dirty or chunk in st.inflight:
                 continue
             try:
-                data = self.store.read(extent_id)
+                data = bytes(self.store.read(extent_id))
             except FsError:
                 continue
             self._enqueue(ino, st, chunk, data)
@@ -595,7 +608,7 @@ class Namespace:
             if st is not None:
                 self._enqueue_dirty(ino, st)
                 while st.pending:
-                    self.cond.wait()
+                    self._wait_for_flusher()
         self.meta.commit()
         with self.lock:
             if st is not None and st.error:
@@ -603,7 +616,7 @@ class Namespace:
                 raise FsError(code)
 
     # ------------------------------------------------------------------ data
-    def read(self, ino: int, offset: int, size: int) -> bytes:
+    def read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
         try:
             return self._read(ino, offset, size)
         except FsError as exc:
@@ -611,55 +624,62 @@ class Namespace:
                 error("read failed", ino=ino, offset=offset, size=size, reason=exc.strerror)
             raise
 
-    def _read(self, ino: int, offset: int, size: int) -> bytes:
-        ahead = self._read_ahead(ino, offset, size)
+    def _read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
+        plan, length, ahead = self._read_plan(ino, offset, size, read_ahead=True)
         if ahead:
             self.store.prefetch(ahead)
         for _ in range(3):
-            plan, length = self._read_plan(ino, offset, size)
             try:
                 return self._assemble(plan, offset, length)
             except FsError as exc:
-                if exc.errno != errno.EIO or self._read_plan(ino, offset, size) == (plan, length):
+                if exc.errno != errno.EIO:
                     raise
+                again = self._read_plan(ino, offset, size)
+                if again[:2] == (plan, length):
+                    raise
+                plan, length = again[:2]
         raise FsError(errno.EIO)
 
-    def _read_ahead(self, ino: int, offset: int, size: int) -> list[int]:
-        """On sequential reads, the extents of the next READ_AHEAD chunks."""
+    def _sequential(self, st: FileState | None, offset: int, size: int) -> bool:
+        """Whether a read continues a sequential reader (and note where it ends)."""
+        if st is None:
+            return False
+        # The kernel's own read-ahead sends several requests at once, which may arrive
+        # out of order: a read near the furthest one so far still counts.
+        reach = READ_AHEAD * self.extent_size
+        sequential = (offset == 0 and st.read_end < 0) or (
+            st.read_end >= 0 and st.read_end - reach <= offset <= st.read_end + reach)
+        st.read_end = max(st.read_end, offset + size) if sequential else offset + size
+        return sequential
+
+    def _read_plan(self, ino: int, offset: int, size: int, read_ahead: bool = False
+                   ) -> tuple[list[tuple[int, int, bytes | int | None]], int, list[int]]:
+        """Per chunk: (chunk, chunk start, dirty bytes | extent id | None for a hole);
+        the length to read; with `read_ahead`, for a sequential reader, the extents of
+        the READ_AHEAD chunks past the furthest read so far (one query for both)."""
         E = self.extent_size
         with self.lock:
             st = self.files.get(ino)
-            if st is None:
-                return []
-            sequential = offset == st.read_end or (offset == 0 and st.read_end < 0)
-            st.read_end = offset + size
-            if not sequential:
-                return []
-            first = (offset + size - 1) // E + 1
-            rows = self.meta.conn.execute(
-                "SELECT extent_id FROM file_extents WHERE ino = ? AND chunk BETWEEN ? AND ? "
-                "ORDER BY chunk", (ino, first, first + READ_AHEAD - 1)).fetchall()
-        return [r[0] for r in rows]
-
-    def _read_plan(self, ino: int, offset: int, size: int
-                   ) -> tuple[list[tuple[int, int, bytes | int | None]], int]:
-        """Per chunk: (chunk, chunk start, dirty bytes | extent id | None for a hole)."""
-        E = self.extent_size
-        with self.lock:
             with self.meta.read() as conn:
                 row = self._row(conn, ino)
                 if stat.S_ISDIR(row[1]):
                     raise FsError(errno.EISDIR)
                 file_size = row[6]
                 if offset >= file_size or size <= 0:
-                    return [], 0
+                    return [], 0, []
                 length = min(size, file_size - offset)
                 first, last = offset // E, (offset + length - 1) // E
+                until = last
+                if read_ahead and self._sequential(st, offset, length):
+                    assert st is not None
+                    ahead_from = (st.read_end - 1) // E + 1
+                    until = max(last, ahead_from + READ_AHEAD - 1)
                 mapped = dict(conn.execute("SELECT chunk, extent_id FROM file_extents WHERE "
                                            "ino = ? AND chunk BETWEEN ? AND ?",
-                                           (ino, first, last)).fetchall())
+                                           (ino, first, until)).fetchall())
                 self._touch_atime(conn, row)
-            st = self.files.get(ino)
+            ahead = [mapped[c] for c in range(max(last + 1, until - READ_AHEAD + 1), until + 1)
+                     if c in mapped]
             plan: list[tuple[int, int, bytes | int | None]] = []
             for chunk in range(first, last + 1):
                 src: bytes | int | None = mapped.get(chunk)
@@ -671,7 +691,7 @@ class Namespace:
                     elif chunk in st.lost:
                         raise _lost(chunk)
                 plan.append((chunk, chunk * E, src))
-            return plan, length
+            return plan, length, ahead
 
     def _touch_atime(self, conn: Connection, row: Row) -> None:
         ino, atime, mtime, ctime = row[0], row[ATIME], row[MTIME], row[CTIME]
@@ -680,7 +700,8 @@ class Namespace:
             self._set(ino, atime_ns=now)
 
     def _assemble(self, plan: list[tuple[int, int, bytes | int | None]], offset: int,
-                  length: int) -> bytes:
+                  length: int) -> bytes | memoryview:
+        """The bytes of a read; a whole extent read as a whole comes back as it is."""
         if not plan:
             return b""
         E = self.extent_size
@@ -688,12 +709,13 @@ class Namespace:
         end = offset + length
         for _chunk, start, src in plan:
             lo, hi = max(offset, start) - start, min(end, start + E) - start
-            if isinstance(src, int):
-                src = self.store.read(src)
-            if src is None:
+            data = self.store.read(src) if isinstance(src, int) else src
+            if data is None:
                 parts.append(self._zero[: hi - lo])
                 continue
-            piece = memoryview(src)[lo:hi]
+            if len(plan) == 1 and lo == 0 and hi == len(data):
+                return data  # no copy: the common 1 MiB sequential read
+            piece = memoryview(data)[lo:hi]
             parts.append(piece)
             if len(piece) < hi - lo:
                 parts.append(self._zero[: hi - lo - len(piece)])
@@ -748,7 +770,7 @@ class Namespace:
             if self._dirty_bytes > DIRTY_LIMIT:
                 self._enqueue_dirty(ino, st)
             while self._inflight_bytes > INFLIGHT_LIMIT:
-                self.cond.wait()
+                self._wait_for_flusher()
             return len(data)
 
     def write_nowait(self, ino: int, offset: int, data: bytes) -> int | None:
@@ -819,7 +841,7 @@ class Namespace:
         E = self.extent_size
         st = self._state(ino)
         while st.pending:
-            self.cond.wait()
+            self._wait_for_flusher()
             # The flusher drops a state that went idle: carry on with the current one, or
             # the trimmed last chunk would go into a state nobody flushes.
             st = self._state(ino)
@@ -865,6 +887,12 @@ class Namespace:
                              (offset + length, now, ino))
 
     # ------------------------------------------------------------------ flushing
+    def _wait_for_flusher(self) -> None:
+        """cond.wait() for the flusher's progress (under the lock), telling it not to
+        linger for more work meanwhile."""
+        self._queue.put(_HURRY)
+        self.cond.wait()
+
     def _enqueue(self, ino: int, st: FileState, chunk: int, data: bytes) -> None:
         st.inflight[chunk] = data
         st.pending += 1
@@ -882,16 +910,28 @@ class Namespace:
             item = self._queue.get()
             if item is None:
                 return
+            if item is _HURRY:
+                continue
             batch = [item]
             size = len(item[2])
+            linger_until = time.monotonic() + FLUSH_LINGER
             while size < FLUSH_BATCH_BYTES and len(batch) < FLUSH_BATCH_ITEMS:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    wait = linger_until - time.monotonic()
+                    if size >= FLUSH_LINGER_BELOW or wait <= 0:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=wait)
+                    except queue.Empty:
+                        break
                 if nxt is None:
                     self._queue.put(None)
                     break
+                if nxt is _HURRY:
+                    linger_until = 0.0
+                    continue
                 batch.append(nxt)
                 size += len(nxt[2])
             finished: set[int] = set()
@@ -1066,6 +1106,11 @@ class Namespace:
                 error("periodic commit failed", reason=repr(exc))
 
     # ------------------------------------------------------------------ xattrs
+    def xattr_never_set(self, name: bytes) -> bool:
+        """True if no inode can have this xattr (no lock taken: for an inode known to
+        exist, such as one the kernel asks about, getxattr would say ENODATA)."""
+        return name not in self._xattr_names and name not in (POLICY_XATTR, LAYOUT_XATTR)
+
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if name == POLICY_XATTR:
             return self.effective_policy(ino).encode()
@@ -1090,6 +1135,7 @@ class Namespace:
             raise FsError(errno.ERANGE if len(name) <= 255 else errno.ENAMETOOLONG)
         with self._change() as conn:
             self._row(conn, ino)
+            self._xattr_names.add(bytes(name))
             exists = conn.execute("SELECT 1 FROM xattrs WHERE ino = ? AND name = ?",
                                   (ino, name)).fetchone() is not None
             if flags & XATTR_CREATE and exists:
