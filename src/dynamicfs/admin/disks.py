@@ -81,6 +81,11 @@ def add_disk(pool: Pool, path: Path | str, capacity: int | None = None,
         raise DiskError(f"malformed tier name {tier!r}: use letters, digits, '-' or '_'")
     disk_uuid = str(uuid.uuid4())
     try:
+        DirectoryDisk(root).prepare()
+    except OSError as exc:
+        raise DiskError(f"cannot create the fragment directories in {root}: "
+                        f"{exc.strerror}") from None
+    try:
         write_label(root, Label(pool.config.uuid, disk_uuid))
     except OSError as exc:
         raise DiskError(f"cannot write the label on {root}: {exc.strerror}") from None

@@ -58,6 +58,21 @@ class DirectoryDisk:
     def fragment_path(self, fragment_id: int) -> Path:
         return self.fragment_root / self._fanout(fragment_id) / f"{fragment_id:016x}.frag"
 
+    def prepare(self) -> None:
+        """Create the fragment directory and its 256 fan-out directories, durably, so
+        the first writes to a new disk do not each pay for a mkdir."""
+        self.fragment_root.mkdir(exist_ok=True)
+        for n in range(256):
+            (self.fragment_root / f"{n:02x}").mkdir(exist_ok=True)
+        for d in (self.fragment_root, self.root):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with self._lock:
+            self._known_dirs.update(f"{n:02x}" for n in range(256))
+
     # -- fragments -----------------------------------------------------------
     def write_fragment(self, fragment_id: int, header: bytes, payload: bytes | memoryview) -> None:
         """Create the fragment file (not yet durable: call sync())."""

@@ -887,6 +887,14 @@ class Namespace:
                              (offset + length, now, ino))
 
     # ------------------------------------------------------------------ flushing
+    def _all_zero(self, data: bytes) -> bool:
+        """Whether a chunk is all zeros (stored as a hole). One memcmp; bytes.count(0)
+        took 0.6 ms per MiB, with the GIL held."""
+        if not data or data[0] or data[-1]:
+            return not data
+        zero = self._zero if len(data) == len(self._zero) else bytes(len(data))
+        return data == zero
+
     def _wait_for_flusher(self) -> None:
         """cond.wait() for the flusher's progress (under the lock), telling it not to
         linger for more work meanwhile."""
@@ -957,7 +965,7 @@ class Namespace:
         for item in batch:
             if item[0] not in info:
                 continue
-            (holes if item[2].count(0) == len(item[2]) else todo).append(item)
+            (holes if self._all_zero(item[2]) else todo).append(item)
         written = []
         failure = 0
         failed: list[tuple[int, int, bytes]] = []
