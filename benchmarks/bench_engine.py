@@ -40,6 +40,7 @@ from pathlib import Path
 
 from benchlib import drop_caches, make_pool, rate
 from dynamicfs.engine.pool import Pool
+from dynamicfs.namespace.fs import READ_AHEAD
 from dynamicfs.redundancy.policy import Policy, parse_concrete
 from dynamicfs.sizes import format_size, parse_size
 
@@ -111,7 +112,7 @@ def engine_write(pool: Pool, source: Source, count: int, policy: Policy) -> list
     return ids
 
 
-def engine_read(pool: Pool, ids: list[int], ahead: int = 4) -> int:
+def engine_read(pool: Pool, ids: list[int], ahead: int = READ_AHEAD) -> int:
     """Read every extent in order, with the read-ahead a sequential reader of the mount
     gets (the namespace prefetches the next `ahead` extents)."""
     total = 0
