@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 CACHE_BYTES = 64 * 1024 * 1024
 # Extents read ahead at most at once.
-AHEAD_PARALLEL = False
 READ_AHEAD_MAX = 16
 STATVFS_TTL = 1.0
 # A healthy disk with this many errors within SUSPECT_WINDOW seconds becomes suspect
@@ -142,8 +141,8 @@ class ExtentStore:
         self.executor = ThreadPoolExecutor(max_workers=max(4, 2 * len(pool.disks) + 2),
                                            thread_name_prefix="dynamicfs-io")
         self.cache = ExtentCache()
-        # Read-ahead has its own threads: its reads wait on fragment reads that run on
-        # `executor`, so sharing one pool could fill it with waiters.
+        # Read-ahead has its own threads, each reading its extent's fragments itself (no
+        # hop to `executor`: measured faster, as the threads already overlap extents).
         self._ahead_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dynamicfs-ahead")
         self._ahead: dict[int, Future[Payload]] = {}
         # Freed fragment files are unlinked here, after their commit: freeing a file's
@@ -477,7 +476,7 @@ class ExtentStore:
 
     def _read_ahead(self, extent_id: int) -> Payload:
         try:
-            return self._read_uncached(extent_id, parallel=AHEAD_PARALLEL)
+            return self._read_uncached(extent_id, parallel=False)
         finally:
             with self._ahead_lock:
                 self._ahead.pop(extent_id, None)
