@@ -222,3 +222,22 @@ def test_fsync_reports_a_failed_fragment_sync_and_the_pool_carries_on(mount: Mou
         dangling = conn.execute("SELECT count(*) FROM file_extents f LEFT JOIN extents e "
                                 "ON e.id = f.extent_id WHERE e.id IS NULL").fetchone()[0]
     assert dangling == 0
+
+
+def test_read_nowait_serves_only_what_is_in_the_cache(mount: Mount) -> None:
+    data = random.Random(21).randbytes(5 * E + 123)
+    ino = mount.create(b"ahead", data)
+    mount.remount()
+    ns = mount.ns
+    ns.open(ino)
+    assert ns.read_nowait(ino, 2 * E, E) is None  # nothing read yet: it would have to wait
+    # A sequential reader: each read starts read-ahead of the next extents.
+    got = bytearray()
+    for offset in range(0, len(data), E):
+        got += ns.read(ino, offset, E)
+    assert got == data
+    for offset in range(0, len(data), E):  # all of it is cached now
+        assert ns.read_nowait(ino, offset, E) == data[offset: offset + E]
+    assert ns.read_nowait(ino, E - 10, 20) == data[E - 10: E + 10]
+    assert ns.read_nowait(ino, len(data), E) == b""
+    ns.release(ino)

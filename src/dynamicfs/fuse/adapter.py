@@ -271,6 +271,9 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        done = self._try_inline(self.ns.read_nowait, fh, off, size)
+        if done is not None:
+            return done
         return await self._run(self.ns.read, fh, off, size)
 
     @_handler

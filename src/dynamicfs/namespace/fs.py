@@ -31,7 +31,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from sqlite3 import Connection
@@ -640,6 +640,23 @@ class Namespace:
                 plan, length = again[:2]
         raise FsError(errno.EIO)
 
+    def read_nowait(self, ino: int, offset: int, size: int) -> bytes | memoryview | None:
+        """read() if every extent it needs is in the cache (read ahead already), else None.
+
+        For callers that must not wait (the FUSE event loop): no fragment to read.
+        """
+        with self.lock:
+            plan, length, ahead = self._read_plan(ino, offset, size, read_ahead=True)
+            cached: list[tuple[int, int, bytes | memoryview | None]] = []
+            for chunk, start, src in plan:
+                data = self.store.cache.get(src) if isinstance(src, int) else src
+                if isinstance(src, int) and data is None:
+                    return None
+                cached.append((chunk, start, data))
+        if ahead:
+            self.store.prefetch(ahead)
+        return self._assemble(cached, offset, length)
+
     def _sequential(self, st: FileState | None, offset: int, size: int) -> bool:
         """Whether a read continues a sequential reader (and note where it ends)."""
         if st is None:
@@ -699,8 +716,8 @@ class Namespace:
         if atime <= mtime or atime <= ctime or now - atime > ATIME_GRACE_NS:
             self._set(ino, atime_ns=now)
 
-    def _assemble(self, plan: list[tuple[int, int, bytes | int | None]], offset: int,
-                  length: int) -> bytes | memoryview:
+    def _assemble(self, plan: Sequence[tuple[int, int, bytes | memoryview | int | None]],
+                  offset: int, length: int) -> bytes | memoryview:
         """The bytes of a read; a whole extent read as a whole comes back as it is."""
         if not plan:
             return b""
