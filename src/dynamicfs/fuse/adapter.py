@@ -91,13 +91,16 @@ class Operations(pyfuse3.Operations):
       SQLite (lookup, getattr, setattr without a size, readlink, getxattr, listxattr,
       flush, readdir, and the changes of names: create, mknod, mkdir, symlink, link,
       unlink, rmdir, rename, setxattr, removexattr) run on the event loop itself when
-      the namespace lock is free at that moment. So do write and release when the
-      namespace can do them from memory at once (`_try_inline` with `write_nowait`,
-      `release_nowait`: no fragment to read, no back-pressure); otherwise they go to
-      a worker thread. A thread hop costs ~80 us here, more than such a call; `ls -lR` of
-      2,000 files got 2.5x faster. When the lock is taken (a commit, the flusher) they
-      go to a worker thread, so the loop never waits for the lock. Such namespace
-      methods must never wait on a condition nor touch fragment files.
+      the namespace lock is free at that moment. So do write, read and release when
+      the namespace can do them from memory at once (`_try_inline` with `write_nowait`,
+      `read_nowait` for extents already read ahead, `release_nowait`: no fragment to
+      read, no back-pressure); otherwise they go to a worker thread. A getxattr of a
+      name no inode has (the `security.capability` the kernel asks before every write)
+      is answered without even the lock (`xattr_never_set`). A thread hop costs ~80 us
+      here, more than such a call; `ls -lR` of 2,000 files got 2.5x faster. When the
+      lock is taken (a commit, the flusher) they go to a worker thread, so the loop
+      never waits for the lock. Such namespace methods must never wait on a condition
+      nor touch fragment files.
     - `pyfuse3.readdir_reply` must be called from the event-loop thread: readdir
       fetches a batch of entries (through `_run_quick`) and replies from the loop.
     - Handlers raise only FUSEError, and each is timed for the metrics (`_handler`).

@@ -26,6 +26,7 @@ Concurrency rules:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import queue
 import stat
@@ -99,6 +100,17 @@ class FileState:
     def idle(self) -> bool:
         return not (self.opens or self.dirty or self.inflight or self.pending or self.error
                     or self.lost)
+
+
+@contextlib.contextmanager
+def _reads_logged(ino: int, offset: int, size: int) -> Iterator[None]:
+    """A read that fails with EIO says so in the log, with the file and the range."""
+    try:
+        yield
+    except FsError as exc:
+        if exc.errno == errno.EIO:
+            error("read failed", ino=ino, offset=offset, size=size, reason=exc.strerror)
+        raise
 
 
 def _lost(chunk: int) -> FsError:
@@ -617,12 +629,8 @@ class Namespace:
 
     # ------------------------------------------------------------------ data
     def read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
-        try:
+        with _reads_logged(ino, offset, size):
             return self._read(ino, offset, size)
-        except FsError as exc:
-            if exc.errno == errno.EIO:
-                error("read failed", ino=ino, offset=offset, size=size, reason=exc.strerror)
-            raise
 
     def _read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
         plan, length, ahead = self._read_plan(ino, offset, size, read_ahead=True)
@@ -645,7 +653,7 @@ class Namespace:
 
         For callers that must not wait (the FUSE event loop): no fragment to read.
         """
-        with self.lock:
+        with _reads_logged(ino, offset, size), self.lock:
             plan, length, ahead = self._read_plan(ino, offset, size, read_ahead=True)
             cached: list[tuple[int, int, bytes | memoryview | None]] = []
             for chunk, start, src in plan:
