@@ -254,8 +254,9 @@ class ExtentStore:
         checksum = blake3.blake3(data).digest()
         info = ExtentInfo(self.pool.new_extent_id(), len(data), checksum, policy)
         for index, disk_id in enumerate(chosen):
-            payload = payloads[index]
-            fsum = checksum if policy.kind == "replicate" else fragfmt.checksum(payload)
+            # An EC fragment's checksum is computed by its disk's writer (_write_fragments),
+            # so the fragments of an extent are hashed in parallel.
+            fsum = checksum if policy.kind == "replicate" else b""
             info.fragments.append(FragmentRow(self.pool.new_fragment_id(), info.id, index,
                                               disk_id, size, fsum))
             self._charge(candidates, disk_id, size)
@@ -271,6 +272,8 @@ class ExtentStore:
         backend = self.pool.backends[disk_id]
         info = self.pool.disks[disk_id]
         for row, payload in work:
+            if not row.checksum:
+                row.checksum = fragfmt.checksum(payload)
             header = fragfmt.FragmentHeader(row.extent_id, row.id, row.index,
                                             len(payload), row.checksum).pack()
             backend.write_fragment(row.id, header, payload)
