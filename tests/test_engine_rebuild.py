@@ -158,6 +158,16 @@ def test_a_rebuild_whose_writes_fail_leaves_consistent_metadata(make_pool: PoolM
     assert_accounting_matches_files(pool)
 
 
+def ec_extent_losing(make_pool: PoolMaker, seed: int, index: int
+                     ) -> tuple[Pool, int, bytes]:
+    """A 7-disk pool with one ec:4+2 extent whose fragment `index` is on a failed disk."""
+    pool = make_pool(7)
+    data = random.Random(seed).randbytes(300 * KiB)
+    (extent_id,) = store(pool, [(data, EC42)])
+    set_disk_health(pool, str(disk_of(pool, extent_id, index)), "failed")
+    return pool, extent_id, data
+
+
 def checksums(pool: Pool, extent_id: int) -> dict[int, bytes]:
     with pool.meta.read() as conn:
         return dict(conn.execute("SELECT idx, checksum FROM fragments WHERE extent_id = ?",
@@ -167,11 +177,8 @@ def checksums(pool: Pool, extent_id: int) -> dict[int, bytes]:
 @pytest.mark.parametrize("parallel", [True, False])
 def test_rebuild_after_a_disk_failure_reads_only_k_fragments(make_pool: PoolMaker,
                                                              parallel: bool) -> None:
-    pool = make_pool(7)
-    data = random.Random(11).randbytes(300 * KiB)
-    (extent_id,) = store(pool, [(data, EC42)])
+    pool, extent_id, data = ec_extent_losing(make_pool, 11, 2)
     before = checksums(pool, extent_id)
-    set_disk_health(pool, str(disk_of(pool, extent_id, 2)), "failed")
     reads = sum(d.reads for d in pool.disks.values())
     assert pool.store.rebuild(extent_id, verify=False, parallel=parallel) == "repaired"
     pool.meta.commit()
@@ -183,10 +190,7 @@ def test_rebuild_after_a_disk_failure_reads_only_k_fragments(make_pool: PoolMake
 
 
 def test_rebuild_without_verify_recreates_a_bad_fragment_it_meets(make_pool: PoolMaker) -> None:
-    pool = make_pool(7)
-    data = random.Random(12).randbytes(300 * KiB)
-    (extent_id,) = store(pool, [(data, EC42)])
-    set_disk_health(pool, str(disk_of(pool, extent_id, 5)), "failed")
+    pool, extent_id, data = ec_extent_losing(make_pool, 12, 5)
     bad = fragment_file(pool, extent_id, 0)
     raw = bytearray(bad.read_bytes())
     raw[-1] ^= 0xFF
@@ -200,10 +204,7 @@ def test_rebuild_without_verify_recreates_a_bad_fragment_it_meets(make_pool: Poo
 def test_rebuild_without_verify_trusts_fragments_it_did_not_need(make_pool: PoolMaker) -> None:
     # A bad parity fragment is not read when the data shards suffice: finding it is
     # scrub's work, and a verifying rebuild (what a scrub or a read queues) re-creates it.
-    pool = make_pool(7)
-    data = random.Random(13).randbytes(300 * KiB)
-    (extent_id,) = store(pool, [(data, EC42)])
-    set_disk_health(pool, str(disk_of(pool, extent_id, 1)), "failed")
+    pool, extent_id, data = ec_extent_losing(make_pool, 13, 1)
     parity = fragment_file(pool, extent_id, 5)
     parity.write_bytes(parity.read_bytes()[:100])
     assert pool.store.rebuild(extent_id, verify=False) == "repaired"
