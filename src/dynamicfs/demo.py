@@ -3,9 +3,10 @@
 Run by `./scripts/demo`. It builds a pool under a scratch directory, mounts it, copies
 the Python standard library and a large file in, unmounts, fails two disks (one marked
 failed by the operator, one destroyed by deleting its directory), mounts again with cold
-caches, checks every file byte for byte through the mount, adds a new disk while
-mounted, lets probe-disks find the dead disk, rebuilds redundancy, prints `status`,
-remounts, checks every file again, scrubs, and exits non-zero if anything did not match.
+caches, checks every file byte for byte through the mount, adds two new disks while
+mounted (an ec:4+2 extent needs six healthy disks for full redundancy), lets probe-disks
+find the dead disk, rebuilds redundancy, prints `status`, remounts, checks every file
+again, scrubs (which must find nothing), and exits non-zero if anything did not match.
 """
 
 from __future__ import annotations
@@ -77,14 +78,15 @@ class Demo:
         self.mount()
         self.say("checking every file byte for byte through the mount (cold caches)")
         bad = self.verify()
-        new = self.scratch / "disk7"
-        new.mkdir()
-        self.dfs("add-disk", str(self.pool), str(new), "--capacity", "256M", quiet=True)
-        self.say("added disk 7 while mounted")
+        for name in ("disk7", "disk8"):
+            new = self.scratch / name
+            new.mkdir()
+            self.dfs("add-disk", str(self.pool), str(new), "--capacity", "256M", quiet=True)
+        self.say("added disks 7 and 8 while mounted, to replace the two failed ones")
         probed = self.dfs("probe-disks", str(self.pool), "--json", quiet=True)
         self.say("probe-disks: " + _failed_disks(probed))
         self.dfs("repair", str(self.pool), check=False, quiet=True)
-        self.say("repair rebuilt the lost fragments onto the remaining and the new disk")
+        self.say("repair rebuilt the lost fragments onto the remaining and the new disks")
         self.dfs("status", str(self.pool))
         self.unmount()
         self.mount()
