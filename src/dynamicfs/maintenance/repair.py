@@ -170,12 +170,6 @@ def _dequeue(pool: Pool, extent_id: int) -> None:
         conn.execute("DELETE FROM repair_queue WHERE extent_id = ?", (extent_id,))
 
 
-def _exists(pool: Pool, extent_id: int) -> bool:
-    with pool.meta.read() as conn:
-        return conn.execute("SELECT 1 FROM extents WHERE id = ?",
-                            (extent_id,)).fetchone() is not None
-
-
 def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | None = None,
                     *, commit_every: int = COMMIT_EVERY,
                     should_stop: Callable[[], bool] | None = None) -> RepairReport:
@@ -196,7 +190,7 @@ def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | N
 
     with ThreadPoolExecutor(REPAIR_WORKERS, thread_name_prefix="dynamicfs-repair") as workers:
         results = in_order(workers, itertools.takewhile(go_on, todo),
-                           lambda item: _repair_one(pool, item), 2 * REPAIR_WORKERS)
+                           lambda item: _rebuild_one(pool, item), 2 * REPAIR_WORKERS)
         for n, (item, (outcome, detail)) in enumerate(results):
             if progress is not None:
                 progress(n, len(todo), f"extent {item.extent_id}")
@@ -217,13 +211,6 @@ def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | N
     return RepairReport(len(items), attempted, counts["repaired"], counts["healthy"],
                         counts["partial"], counts["stuck"], counts["unreadable"], remaining,
                         round(time.monotonic() - start, 3), problems, notes)
-
-
-def _repair_one(pool: Pool, item: PendingExtent) -> tuple[str, str]:
-    if not _exists(pool, item.extent_id):
-        _dequeue(pool, item.extent_id)
-        return "healthy", ""
-    return _rebuild_one(pool, item)
 
 
 def _rebuild_one(pool: Pool, item: PendingExtent) -> tuple[str, str]:
