@@ -499,21 +499,7 @@ class ExtentStore:
         order = self._read_order(info)
         need = info.policy.k
         good: dict[int, Payload] = {}
-        problems: list[str] = []
-        pos = 0
-        while len(good) < need and pos < len(order):
-            batch = order[pos: pos + need - len(good)]
-            pos += len(batch)
-            if len(batch) == 1 or not parallel:
-                results = [(r, self.read_fragment(info, r)) for r in batch]
-            else:
-                futs = [(r, self.executor.submit(self.read_fragment, info, r)) for r in batch]
-                results = [(r, f.result()) for r, f in futs]
-            for row, (payload, problem) in results:
-                if payload is not None:
-                    good.setdefault(row.index, payload)
-                else:
-                    problems.append(problem)
+        problems = [why for _, why in self._read_until_k(info, order, good, parallel)]
         missing = info.policy.width - len(order)
         if problems or missing > 0:
             self.want_repair(info.id)
@@ -692,8 +678,8 @@ class ExtentStore:
         disks = self.pool.disks
         readable = [r for r in info.fragments
                     if r.disk_id in disks and disks[r.disk_id].readable]
-        read = self._read_rows(info, [r for r in readable if verify or r.disk_id in evacuate],
-                               parallel)
+        read = {r.id: payload for r, (payload, _) in self._read_rows(
+            info, [r for r in readable if verify or r.disk_id in evacuate], parallel)}
         good: dict[int, Payload] = {}
         keep: dict[int, FragmentRow] = {}
         drop: list[FragmentRow] = []
@@ -725,32 +711,41 @@ class ExtentStore:
             have.update(self._recreate(info, good, need))
         return self._place_rebuilt(info, keep, drop, have)
 
-    def _read_rows(self, info: ExtentInfo, rows: list[FragmentRow],
-                   parallel: bool = True) -> dict[int, Payload | None]:
-        """Fragment id -> checked payload (None if bad or unreadable), read in parallel
-        or, for callers that rebuild many extents at once, one after another here."""
+    def _read_rows(self, info: ExtentInfo, rows: list[FragmentRow], parallel: bool = True
+                   ) -> list[tuple[FragmentRow, tuple[Payload | None, str]]]:
+        """Each row with read_fragment()'s answer, in order: read in parallel or, for
+        callers that overlap many extents on their own threads, one after another here."""
         if len(rows) <= 1 or not parallel:
-            return {r.id: self.read_fragment(info, r)[0] for r in rows}
+            return [(r, self.read_fragment(info, r)) for r in rows]
         futures = [(r, self.executor.submit(self.read_fragment, info, r)) for r in rows]
-        return {r.id: f.result()[0] for r, f in futures}
+        return [(r, f.result()) for r, f in futures]
+
+    def _read_until_k(self, info: ExtentInfo, order: list[FragmentRow],
+                      good: dict[int, Payload], parallel: bool
+                      ) -> list[tuple[FragmentRow, str]]:
+        """Read fragments in `order`, as many at a time as are still missing, until
+        `good` (index -> payload) holds k; the rows found bad or unreadable, with why."""
+        bad: list[tuple[FragmentRow, str]] = []
+        pos = 0
+        while len(good) < info.policy.k and pos < len(order):
+            batch = order[pos: pos + info.policy.k - len(good)]
+            pos += len(batch)
+            for row, (payload, problem) in self._read_rows(info, batch, parallel):
+                if payload is not None:
+                    good.setdefault(row.index, payload)
+                else:
+                    bad.append((row, problem))
+        return bad
 
     def _top_up_good(self, info: ExtentInfo, keep: dict[int, FragmentRow],
                      drop: list[FragmentRow], good: dict[int, Payload], parallel: bool) -> None:
         """Read kept fragments not read yet until k are good; one found bad is dropped
         (so it is re-created too)."""
-        k = info.policy.k
         order = [r for r in self._read_order(info)
                  if keep.get(r.index) is r and r.index not in good]
-        while len(good) < k and order:
-            batch, order = order[: k - len(good)], order[k - len(good):]
-            results = self._read_rows(info, batch, parallel)
-            for row in batch:
-                payload = results[row.id]
-                if payload is None:
-                    del keep[row.index]
-                    drop.append(row)
-                else:
-                    good.setdefault(row.index, payload)
+        for row, _ in self._read_until_k(info, order, good, parallel):
+            del keep[row.index]
+            drop.append(row)
 
     def _recreate(self, info: ExtentInfo, good: dict[int, Payload],
                   need: list[int]) -> dict[int, Payload]:
