@@ -26,7 +26,6 @@ Concurrency rules:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import queue
 import stat
@@ -102,7 +101,7 @@ class FileState:
                     or self.lost)
 
 
-@contextlib.contextmanager
+@contextmanager
 def _reads_logged(ino: int, offset: int, size: int) -> Iterator[None]:
     """A read that fails with EIO says so in the log, with the file and the range."""
     try:
@@ -694,17 +693,18 @@ class Namespace:
                     return [], 0, []
                 length = min(size, file_size - offset)
                 first, last = offset // E, (offset + length - 1) // E
-                until = last
+                # The read-ahead window: the READ_AHEAD chunks past the furthest read so
+                # far (which ends at or after this one), none for a non-sequential read.
+                ahead_from, until = last + 1, last
                 if read_ahead and self._sequential(st, offset, length):
                     assert st is not None
                     ahead_from = (st.read_end - 1) // E + 1
-                    until = max(last, ahead_from + READ_AHEAD - 1)
+                    until = ahead_from + READ_AHEAD - 1
                 mapped = dict(conn.execute("SELECT chunk, extent_id FROM file_extents WHERE "
                                            "ino = ? AND chunk BETWEEN ? AND ?",
                                            (ino, first, until)).fetchall())
                 self._touch_atime(conn, row)
-            ahead = [mapped[c] for c in range(max(last + 1, until - READ_AHEAD + 1), until + 1)
-                     if c in mapped]
+            ahead = [mapped[c] for c in range(ahead_from, until + 1) if c in mapped]
             plan: list[tuple[int, int, bytes | int | None]] = []
             for chunk in range(first, last + 1):
                 src: bytes | int | None = mapped.get(chunk)
@@ -1074,17 +1074,16 @@ class Namespace:
                 size = self._row(conn, ino)[SIZE]
             except FsError:
                 continue
+            # As in _convert_auto: only replicated extents of a file that should be EC.
             if size < AUTO_EC_THRESHOLD or w.info.policy.kind != "replicate":
                 continue
             policy = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (ino,)).fetchone()[0]
             mapped = conn.execute("SELECT extent_id FROM file_extents WHERE ino = ? AND chunk = ?",
                                   (ino, chunk)).fetchone()
-            if (mapped is None or mapped[0] != w.info.id or size < AUTO_EC_THRESHOLD
+            if (mapped is None or mapped[0] != w.info.id
                     or parse_policy(policy or self.pool.config.default_policy) != AUTO):
                 continue
-            # As in _convert_auto: only replicated extents of a file that should be EC.
-            if w.info.policy.kind == "replicate" and \
-                    self.pool.resolve_policy(policy, size).kind == "ec":
+            if self.pool.resolve_policy(policy, size).kind == "ec":
                 self._enqueue(ino, self._state(ino), chunk, data)
 
     def _map(self, conn: Connection, ino: int, chunk: int, extent_id: int | None) -> None:
