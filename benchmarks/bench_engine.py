@@ -32,13 +32,12 @@ import pstats
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib import drop_caches, make_pool, rate
+from benchlib import WARM_NOTE, drop_caches, load_average, make_pool, rate, scratch
 from dynamicfs.engine.pool import Pool
 from dynamicfs.namespace.fs import READ_AHEAD
 from dynamicfs.redundancy.policy import Policy, parse_concrete
@@ -217,10 +216,6 @@ def warm_up(disk_dirs: list[Path], source: Source, size: int) -> None:
         p.unlink()
 
 
-def load() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def report(figures: list[Figures], peak: int, cold: bool) -> None:
     print(f"\n{'policy':<13}{'phase':<7}{'engine MB/s':>12}{'plain MB/s':>12}{'ratio':>8}"
           f"  target")
@@ -232,7 +227,7 @@ def report(figures: list[Figures], peak: int, cold: bool) -> None:
     print(f"peak memory (ru_maxrss): {format_size(peak)}  target < "
           f"{format_size(TARGET_MEMORY)}: {ok}")
     if not cold:
-        print("note: page cache not dropped (not root?): reads are warm")
+        print(WARM_NOTE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,14 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     if free < need:
         parser.error(f"{args.dir} has {format_size(free)} free, {format_size(need)} needed")
 
-    base = Path(tempfile.mkdtemp(prefix="dynamicfs-bench-", dir=args.dir))
-    cold = drop_caches()
-    print(f"engine benchmark: {format_size(size)} per policy, {DISKS} disks in {base} "
-          f"({kind}), {EXTENT // MiB} MiB extents, {BATCH} per metadata change; "
-          f"load average {load()}")
-    try:
-        pool_dir, _ = make_pool(base, DISKS)
-        disk_dirs = [base / f"disk{i}" for i in range(DISKS)]
+    with scratch(args.dir, "dynamicfs-bench-") as base:
+        cold = drop_caches()
+        print(f"engine benchmark: {format_size(size)} per policy, {DISKS} disks in {base} "
+              f"({kind}), {EXTENT // MiB} MiB extents, {BATCH} per metadata change; "
+              f"load average {load_average()}")
+        pool_dir, disk_dirs = make_pool(base, DISKS)
         source = Source()
         warm_up(disk_dirs, source, size)
         figures: list[Figures] = []
@@ -278,9 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                                   cold)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         report(figures, peak, cold)
-        print(f"load average at the end: {load()} (other work on the machine skews figures)")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+        print(f"load average at the end: {load_average()} "
+              "(other work on the machine skews figures)")
     return 0
 
 

@@ -28,11 +28,19 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import drop_caches, fill, make_pool, rate, read_files
+from benchlib import (
+    WARM_NOTE,
+    drop_caches,
+    fill,
+    load_average,
+    make_pool,
+    rate,
+    read_files,
+    scratch,
+)
 from dynamicfs.admin.disks import add_disk, set_disk_health
 from dynamicfs.engine.pool import Pool
 from dynamicfs.maintenance.repair import rebuild_pending
@@ -67,11 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     need = int(size * (POLICY.overhead * 1.4 + 1))
     if shutil.disk_usage(args.dir).free < need:
         parser.error(f"{args.dir} has less than {format_size(need)} free")
-    base = Path(tempfile.mkdtemp(prefix="dynamicfs-bench-rebuild-", dir=args.dir))
-    cold = drop_caches()
-    print(f"rebuild benchmark: {format_size(size)} under {POLICY}, {DISKS} disks in {base}; "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    try:
+    with scratch(args.dir, "dynamicfs-bench-rebuild-") as base:
+        cold = drop_caches()
+        print(f"rebuild benchmark: {format_size(size)} under {POLICY}, {DISKS} disks in "
+              f"{base}; load average {load_average()}")
         pool_dir, disks = make_pool(base, DISKS)
         with Pool.open(pool_dir) as pool:
             extents = len(fill(pool, size, POLICY))
@@ -119,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{ok}); file data made redundant again at {rate(size, t_rebuild):.0f} MB/s, "
               f"{rate(size, t_rebuild) / rate(size, t_data):.2f}x a plain read of that data")
         if not cold:
-            print("note: page cache not dropped (not root?): reads are warm")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+            print(WARM_NOTE)
     return 0
 
 

@@ -19,14 +19,21 @@ read, of file data for the engine read. Target: scrub >= 0.5x the plain read.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import drop_caches, fill, make_pool, rate, read_files
+from benchlib import (
+    WARM_NOTE,
+    drop_caches,
+    fill,
+    load_average,
+    make_pool,
+    rate,
+    read_files,
+    scratch,
+)
 from dynamicfs.engine.pool import Pool
 from dynamicfs.maintenance.scrub import scrub
 from dynamicfs.redundancy.policy import Policy, parse_concrete
@@ -83,20 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     need = int(size * max(p.overhead for p in policies) * 1.2)
     if shutil.disk_usage(args.dir).free < need:
         parser.error(f"{args.dir} has less than {format_size(need)} free")
-    base = Path(tempfile.mkdtemp(prefix="dynamicfs-bench-scrub-", dir=args.dir))
-    cold = drop_caches()
-    print(f"scrub benchmark: {format_size(size)} per policy, {DISKS} disks in {base}; "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    try:
+    with scratch(args.dir, "dynamicfs-bench-scrub-") as base:
+        cold = drop_caches()
+        print(f"scrub benchmark: {format_size(size)} per policy, {DISKS} disks in {base}; "
+              f"load average {load_average()}")
         pool_dir, _ = make_pool(base, DISKS)
         print(f"{'policy':<13}{'scrub MB/s':>11}{'plain MB/s':>12}{'ratio':>8}"
               f"{'engine MB/s':>13}  target")
         for policy in policies:
             print(run_policy(base, pool_dir, size, policy, cold), flush=True)
         if not cold:
-            print("note: page cache not dropped (not root?): reads are warm")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+            print(WARM_NOTE)
     return 0
 
 

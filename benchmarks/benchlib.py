@@ -1,10 +1,13 @@
-"""What the benchmarks share: a pool to measure, data to fill it with, plain reads of
-files, dropping the page cache, and rates in MB/s."""
+"""What the benchmarks share: a scratch directory, a pool to measure, data to fill it
+with, plain reads of files, dropping the page cache, the load average, rates in MB/s."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dynamicfs.admin.disks import add_disk
@@ -13,6 +16,22 @@ from dynamicfs.engine.pool import Pool
 from dynamicfs.redundancy.policy import Policy
 
 MiB = 1024 * 1024
+WARM_NOTE = "note: page cache not dropped (not root?): reads are warm"
+
+
+@contextmanager
+def scratch(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new directory under `parent` for one run, removed afterwards whatever happens."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other work on the machine skews figures)."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def drop_caches() -> bool:
