@@ -36,8 +36,10 @@ def cli(*args: str | os.PathLike[str], check: bool = True,
     return done
 
 
-def make_pool(root: Path, disks: int = 6, **init_args: object) -> tuple[Path, list[Path]]:
-    """A pool at root/pool with `disks` directory disks root/disk{i}."""
+def make_pool(root: Path, disks: int = 6, *, capacity: int | None = None,
+              **init_args: object) -> tuple[Path, list[Path]]:
+    """A pool at root/pool with `disks` directory disks root/disk{i}, each capped at
+    `capacity` bytes if given."""
     pool_dir = root / "pool"
     init_pool(pool_dir, **init_args)  # type: ignore[arg-type]
     paths = []
@@ -45,7 +47,7 @@ def make_pool(root: Path, disks: int = 6, **init_args: object) -> tuple[Path, li
         for i in range(disks):
             path = root / f"disk{i}"
             path.mkdir()
-            add_disk(pool, path)
+            add_disk(pool, path, capacity=capacity)
             paths.append(path)
     return pool_dir, paths
 

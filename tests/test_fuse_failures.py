@@ -20,12 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamicfs.admin.disks import add_disk
-from dynamicfs.admin.init import init_pool
 from dynamicfs.disks import fragment as fragfmt
 from dynamicfs.disks.directory import FRAGMENT_DIR
 from dynamicfs.disks.faulty import ENV_VAR
-from dynamicfs.engine.pool import Pool
 from fusehelpers import Mount, cli, make_pool, mounted_pool
 
 pytestmark = pytest.mark.fuse
@@ -144,15 +141,7 @@ def test_data_whose_write_back_failed_reads_eio_never_zeros(
 
 # ---------------------------------------------------------------------- full disks
 def small_disk_pool(root: Path, disks: int, capacity: int) -> Mount:
-    pool_dir = root / "pool"
-    init_pool(pool_dir)
-    paths = []
-    with Pool.open(pool_dir) as pool:
-        for i in range(disks):
-            path = root / f"disk{i}"
-            path.mkdir()
-            add_disk(pool, path, capacity=capacity)
-            paths.append(path)
+    pool_dir, paths = make_pool(root, disks, capacity=capacity)
     (root / "mnt").mkdir()
     return Mount(pool_dir, root / "mnt", paths)
 
