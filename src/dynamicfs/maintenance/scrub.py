@@ -436,8 +436,10 @@ def rebuild(pool: Pool, extent_id: int, *, verify: bool = True, parallel: bool =
     under it, nothing done); 'gone' when the extent was freed meanwhile."""
     outcome = "stale"
     for _ in range(REBUILD_TRIES):
-        if load_extent(pool, extent_id) is None:
-            return "gone"
+        with pool.meta.read() as conn:  # only whether it exists: rebuild loads it itself
+            if conn.execute("SELECT 1 FROM extents WHERE id = ?",
+                            (extent_id,)).fetchone() is None:
+                return "gone"
         outcome = pool.store.rebuild(extent_id, verify=verify, parallel=parallel)
         if outcome != "stale":
             break
