@@ -12,9 +12,11 @@ import blake3
 from dynamicfs.admin.disks import add_disk
 from dynamicfs.admin.init import init_pool
 from dynamicfs.cli.main import main
+from dynamicfs.disks.directory import FragmentRef
 from dynamicfs.engine.pool import Pool
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.namespace.types import ROOT_INO
+from fragment_spot import FragmentSpot
 
 EXTENT = 64 * 1024
 
@@ -75,8 +77,8 @@ def read_file(pool_dir: Path, path: str) -> bytes:
             ns.close()
 
 
-def fragment_paths(pool_dir: Path, path: str) -> list[list[Path]]:
-    """Per extent of the file (in chunk order): its fragment files, in index order."""
+def fragment_paths(pool_dir: Path, path: str) -> list[list[FragmentSpot]]:
+    """Per extent of the file (in chunk order): its fragments, in index order."""
     with Pool.open(pool_dir) as pool:
         ns = Namespace(pool)
         try:
@@ -89,14 +91,19 @@ def fragment_paths(pool_dir: Path, path: str) -> list[list[Path]]:
                 "SELECT extent_id FROM file_extents WHERE ino = ? ORDER BY chunk", (ino,))]
             out = []
             for extent_id in extents:
-                rows = conn.execute("SELECT id, disk_id FROM fragments WHERE extent_id = ? "
-                                    "ORDER BY idx", (extent_id,)).fetchall()
-                out.append([pool.backends[d].fragment_path(f) for f, d in rows])
+                rows = conn.execute("SELECT disk_id, id, segment, offset, size FROM fragments "
+                                    "WHERE extent_id = ? ORDER BY idx", (extent_id,)).fetchall()
+                out.append([FragmentSpot(pool.disks[r[0]].path, FragmentRef(*r[1:]))
+                            for r in rows])
         return out
 
 
-def flip_byte(path: Path, offset: int = -10) -> None:
-    with open(path, "r+b") as f:
+def flip_byte(where: FragmentSpot | Path, offset: int = -10) -> None:
+    """Invert one byte of a fragment, or of a file (negative offsets count from the end)."""
+    if isinstance(where, FragmentSpot):
+        where.flip(offset)
+        return
+    with open(where, "r+b") as f:
         f.seek(offset, os.SEEK_END if offset < 0 else os.SEEK_SET)
         b = f.read(1)
         f.seek(-1, os.SEEK_CUR)

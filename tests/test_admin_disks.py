@@ -203,18 +203,18 @@ def test_probe_disks_prints_a_table(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "healthy" in line and "failed" in line and "is missing" in line
 
 
-def test_add_disk_creates_the_fan_out_directories(tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_add_disk_creates_the_segment_directory(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     pool_dir = make_pool(tmp_path, [None] * 2)
     disk = tmp_path / "new-disk"
     disk.mkdir()
     code, _, err = run(capsys, "add-disk", pool_dir, disk)
     assert code == 0, err
-    fanout = sorted(p.name for p in (disk / "fragments").iterdir())
-    assert fanout == [f"{n:02x}" for n in range(256)]
-    # Fan-out directories removed behind the pool's back come back at the next write.
-    shutil.rmtree(disk / "fragments")
+    assert (disk / "segments").is_dir() and not any((disk / "segments").iterdir())
+    # A segment directory removed behind the pool's back comes back at the next write
+    # (the disk still carries its label).
+    shutil.rmtree(disk / "segments")
     files = {f"/f{i}": os.urandom(3000 + i) for i in range(40)}
     write_files(pool_dir, files)
-    assert any((disk / "fragments").rglob("*.frag"))
+    assert any((disk / "segments").glob("*.seg"))
     assert read_files(pool_dir, list(files)) == files

@@ -27,6 +27,7 @@ from admin_support import (
     write_files,
 )
 from dynamicfs.admin import registry
+from dynamicfs.disks.directory import FragmentRef
 from dynamicfs.disks.label import LABEL_NAME
 from dynamicfs.engine.pool import Pool
 from dynamicfs.namespace.fs import Namespace
@@ -60,8 +61,8 @@ def _no_extent_twice_on_a_disk(pool_dir: Path) -> None:
 
 def _every_fragment_row_has_its_file(pool_dir: Path) -> None:
     with Pool.open(pool_dir) as pool:
-        rows = sql(pool_dir, "SELECT id, disk_id FROM fragments")
-        missing = [(fid, d) for fid, d in rows if not pool.backends[d].fragment_exists(fid)]
+        rows = sql(pool_dir, "SELECT disk_id, id, segment, offset, size FROM fragments")
+        missing = [r for r in rows if not pool.backends[r[0]].fragment_exists(FragmentRef(*r[1:]))]
     assert missing == []
 
 

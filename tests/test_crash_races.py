@@ -169,5 +169,5 @@ def test_fragments_dropped_during_a_sync_are_deleted_after_it(tmp_path: Path) ->
         syncing.join(30)
         dropping.join(30)
         assert outcome == [None]
-        assert not any(pool.backends[r.disk_id].fragment_exists(r.id)
+        assert not any(pool.backends[r.disk_id].fragment_exists(r.ref)
                        for w in written for r in w.info.fragments)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dynamicfs.disks import fragment as fragfmt
-from dynamicfs.disks.directory import DirectoryDisk
+from dynamicfs.disks.directory import DirectoryDisk, FragmentRef
 from dynamicfs.disks.faulty import (
     ENV_VAR,
     FaultRule,
@@ -20,7 +20,15 @@ from dynamicfs.disks.faulty import (
     parse_spec,
     wrap_backends,
 )
-from test_engine_support import EC42, KiB, PoolMaker, fragments, read_fresh, store
+from test_engine_support import (
+    EC42,
+    KiB,
+    PoolMaker,
+    fragment_ref,
+    fragments,
+    read_fresh,
+    store,
+)
 
 
 @pytest.fixture
@@ -32,11 +40,19 @@ def make_pool(tmp_path: Path) -> Iterator[PoolMaker]:
 @pytest.fixture
 def disk(tmp_path: Path) -> DirectoryDisk:
     (tmp_path / "d").mkdir()
-    return DirectoryDisk(tmp_path / "d")
+    disk = DirectoryDisk(tmp_path / "d")
+    disk.prepare()
+    return disk
 
 
-def write(d: DirectoryDisk | FaultyDisk, fid: int, payload: bytes = b"payload") -> None:
-    d.write_fragment(fid, fragfmt.make_header(1, fid, 0, payload), payload)
+def write(d: DirectoryDisk | FaultyDisk, fid: int, payload: bytes = b"payload") -> FragmentRef:
+    header = fragfmt.make_header(1, fid, 0, payload)
+    segment, offset = d.write_fragment(fid, header, payload)
+    return FragmentRef(fid, segment, offset, len(header) + len(payload))
+
+
+def ids_on(disk: DirectoryDisk) -> list[int]:
+    return sorted(ref.id for ref, _ in disk.list_fragments())
 
 
 def test_the_third_write_fails_and_the_others_pass(disk: DirectoryDisk) -> None:
@@ -49,7 +65,7 @@ def test_the_third_write_fails_and_the_others_pass(disk: DirectoryDisk) -> None:
         except OSError as exc:
             outcomes.append(errno.errorcode[exc.errno or 0])
     assert outcomes == ["ok", "ok", "EIO", "ok", "ok"]
-    assert sorted(f for f, _ in disk.list_fragments()) == [1, 2, 4, 5]
+    assert ids_on(disk) == [1, 2, 4, 5]
     assert faulty.injected == [("write", "eio", 3)]
 
 
@@ -57,35 +73,39 @@ def test_enospc_writes_nothing_and_a_short_write_leaves_half_a_file(disk: Direct
     full = FaultyDisk(disk, [FaultRule("write", "enospc")])
     with pytest.raises(OSError) as failure:
         write(full, 1)
-    assert failure.value.errno == errno.ENOSPC and not disk.fragment_exists(1)
+    assert failure.value.errno == errno.ENOSPC and ids_on(disk) == []
     short = FaultyDisk(disk, [FaultRule("write", "short")])
     payload = bytes(1000)
     with pytest.raises(OSError) as failure:
         write(short, 2, payload)
     assert failure.value.errno == errno.EIO
-    assert disk.fragment_path(2).stat().st_size == fragfmt.HEADER_SIZE + 500
+    # Half a record ends its segment (named after it): the next write starts another.
+    assert disk.segment_path(2).stat().st_size == fragfmt.HEADER_SIZE + 500
+    assert ids_on(disk) == []
+    ref = write(disk, 3)
+    assert ref.segment == 3 and ids_on(disk) == [3]
 
 
 def test_reads_fail_or_come_back_with_one_bit_flipped(disk: DirectoryDisk) -> None:
-    write(disk, 1, bytes(100))
-    raw = disk.read_fragment(1)
+    ref = write(disk, 1, bytes(100))
+    raw = disk.read_fragment(ref)
     flipped = FaultyDisk(disk, [FaultRule("read", "bitflip", at=90, times=1)])
-    bad = flipped.read_fragment(1)
+    bad = flipped.read_fragment(ref)
     assert [i for i in range(len(raw)) if raw[i] != bad[i]] == [90]
     assert bin(raw[90] ^ bad[90]).count("1") == 1
-    assert flipped.read_fragment(1) == raw  # times=1
+    assert flipped.read_fragment(ref) == raw  # times=1
     failing = FaultyDisk(disk, [FaultRule("read", "eio")])
     with pytest.raises(OSError):
-        failing.read_fragment(1)
-    assert disk.read_fragment(1) == raw  # the file itself is untouched
+        failing.read_fragment(ref)
+    assert disk.read_fragment(ref) == raw  # the file itself is untouched
 
 
 def test_sync_faults_hit_both_sync_calls(disk: DirectoryDisk) -> None:
-    write(disk, 1)
+    ref = write(disk, 1)
     faulty = FaultyDisk(disk, [FaultRule("sync", "eio", after=1)])
-    faulty.sync([1])
+    faulty.sync([ref])
     with pytest.raises(OSError):
-        faulty.sync([1])
+        faulty.sync([ref])
     with pytest.raises(OSError):
         faulty.sync_filesystem()
     faulty.heal()
@@ -95,12 +115,12 @@ def test_sync_faults_hit_both_sync_calls(disk: DirectoryDisk) -> None:
 
 def test_a_crashed_disk_drops_every_later_write_delete_and_sync(disk: DirectoryDisk) -> None:
     faulty = FaultyDisk(disk, [FaultRule("write", "crash", after=2)])
-    for fid in range(1, 5):
-        write(faulty, fid)  # no error: the caller cannot tell
-    faulty.delete_fragment(1)
-    faulty.sync([1, 2])
+    refs = [write(faulty, fid) for fid in range(1, 5)]  # no error: the caller cannot tell
+    faulty.delete_fragment(refs[0])
+    faulty.sync(refs)
     assert faulty.crashed
-    assert sorted(f for f, _ in disk.list_fragments()) == [1, 2]
+    assert ids_on(disk) == [1, 2]
+    assert not disk.fragment_exists(refs[2])
 
 
 def test_fault_specs_parse_into_rules_per_disk() -> None:
@@ -148,10 +168,11 @@ def test_a_pool_survives_a_disk_that_stopped_persisting_writes(make_pool: PoolMa
     assert faulty.crashed
     pool = make_pool.reopen(pool)  # plain disks again: what reached disk 3 is all it has
     lost = [fid for fid, _, _, d in fragments(pool) if d == 3
-            and not pool.backends[3].fragment_exists(fid)]
+            and not pool.backends[3].fragment_exists(fragment_ref(pool, fid))]
     assert len(lost) == 12 - 4
     for extent_id, (data, _) in zip(ids, items, strict=True):
         assert read_fresh(pool, extent_id) == data
     assert {pool.store.rebuild(e) for e in ids} == {"healthy", "repaired"}
     pool.meta.commit()
-    assert all(pool.backends[d].fragment_exists(f) for f, _, _, d in fragments(pool))
+    assert all(pool.backends[d].fragment_exists(fragment_ref(pool, f))
+               for f, _, _, d in fragments(pool))

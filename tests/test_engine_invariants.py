@@ -18,12 +18,13 @@ import pytest
 
 from dynamicfs.admin.disks import set_disk_health
 from dynamicfs.disks import fragment as fragfmt
-from dynamicfs.disks.directory import DirectoryDisk
+from dynamicfs.disks.directory import DirectoryDisk, FragmentRef
 from dynamicfs.disks.faulty import FaultRule, FaultyDisk
 from dynamicfs.engine import store as engine_store
 from dynamicfs.engine.pool import Pool
 from dynamicfs.errors import FsError, NoSpaceError, UnreadableError
 from dynamicfs.redundancy.policy import Policy, replicate
+from fragment_spot import FragmentSpot
 from test_engine_support import (
     EC42,
     REP3,
@@ -36,6 +37,7 @@ from test_engine_support import (
     disk_of,
     files_on_disks,
     fragment_file,
+    fragment_spot,
     fragments,
     read_fresh,
     store,
@@ -91,16 +93,23 @@ def test_rebuild_keeps_fragments_of_an_extent_on_distinct_disks(
 
 
 # -- invariant 2: fragments written once, names unique ---------------------------------------
-def test_a_fragment_file_is_never_overwritten(make_pool: MakePool) -> None:
+def test_a_fragment_is_never_overwritten(make_pool: MakePool) -> None:
     pool = make_pool(6)
     (extent_id,) = store(pool, [(b"first", REP3)])
     fid, _, _, disk_id = fragments(pool, extent_id)[0]
-    path = pool.backends[disk_id].fragment_path(fid)
-    before = path.read_bytes()
+    spot = fragment_spot(pool, fid, disk_id)
+    before = spot.read_bytes()
     header = fragfmt.make_header(extent_id, fid, 0, b"second")
+    # Even the same id written again is appended elsewhere, never over the record.
+    segment, offset = pool.backends[disk_id].write_fragment(fid, header, b"second")
+    assert (segment, offset) != (spot.ref.segment, spot.ref.offset)
+    assert offset >= spot.ref.offset + spot.ref.size or segment != spot.ref.segment
+    assert spot.read_bytes() == before
+    # Segment files are created with O_EXCL: an existing one is never reused.
+    disk = pool.backends[disk_id]
+    disk.close()
     with pytest.raises(FileExistsError):
-        pool.backends[disk_id].write_fragment(fid, header, b"second")
-    assert path.read_bytes() == before
+        disk.write_fragment(spot.ref.segment or 0, header, b"third")
 
 
 def test_writes_and_rebuilds_leave_existing_fragment_files_untouched(make_pool: MakePool) -> None:
@@ -108,12 +117,11 @@ def test_writes_and_rebuilds_leave_existing_fragment_files_untouched(make_pool: 
     rng = random.Random(2)
     ids = store(pool, [(d, EC42) for d in data_for(rng, 10)])
 
-    def snapshot() -> dict[Path, tuple[int, int, bytes]]:
+    def snapshot() -> dict[FragmentRef, bytes]:
         out = {}
         for fid, _, _, disk_id in fragments(pool):
-            path = pool.backends[disk_id].fragment_path(fid)
-            st = path.stat()
-            out[path] = (st.st_ino, st.st_mtime_ns, path.read_bytes())
+            spot = fragment_spot(pool, fid, disk_id)
+            out[spot.ref] = spot.read_bytes()
         return out
 
     before = snapshot()
@@ -122,10 +130,10 @@ def test_writes_and_rebuilds_leave_existing_fragment_files_untouched(make_pool: 
     pool.store.rebuild(ids[0])
     pool.meta.commit()
     after = snapshot()
-    survivors = [p for p in before if p.exists()]
+    survivors = [ref for ref in before if ref in after]
     assert len(survivors) == len(before) - 1
-    for path in survivors:
-        assert after[path] == before[path]
+    for ref in survivors:
+        assert after[ref] == before[ref]
 
 
 def test_ids_stay_unique_across_reopen(make_pool: MakePool) -> None:
@@ -163,7 +171,7 @@ def test_every_recorded_fragment_file_exists_with_its_header(make_pool: MakePool
                             "FROM fragments").fetchall()
     assert {r[1] for r in rows} == set(ids)
     for fid, extent_id, idx, disk_id, size, checksum in rows:
-        raw = pool.backends[disk_id].fragment_path(fid).read_bytes()
+        raw = fragment_spot(pool, fid, disk_id).read_bytes()
         assert len(raw) == size
         head, _ = fragfmt.parse(raw)
         assert (head.extent_id, head.fragment_id, head.index) == (extent_id, fid, idx)
@@ -205,26 +213,21 @@ def test_a_failed_fragment_sync_keeps_the_extent_out_of_the_metadata(make_pool: 
 
 
 # -- invariant 4: a read returns checked bytes or EIO -----------------------------------------
-def _flip(path: Path, at: int) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[at] ^= 0x40
-    path.write_bytes(bytes(raw))
+def _damage_payload(spot: FragmentSpot) -> None:
+    spot.flip(fragfmt.HEADER_SIZE + (spot.size - fragfmt.HEADER_SIZE) // 2)
 
 
-def _damage_payload(path: Path) -> None:
-    _flip(path, fragfmt.HEADER_SIZE + (path.stat().st_size - fragfmt.HEADER_SIZE) // 2)
+def _damage_header(spot: FragmentSpot) -> None:
+    spot.flip(20)  # inside the extent id
 
 
-def _damage_header(path: Path) -> None:
-    _flip(path, 20)  # inside the extent id
+def _truncate(spot: FragmentSpot) -> None:
+    raw = spot.read_bytes()
+    spot.write_bytes(raw[: fragfmt.HEADER_SIZE + (spot.size - fragfmt.HEADER_SIZE) // 2])
 
 
-def _truncate(path: Path) -> None:
-    os.truncate(path, fragfmt.HEADER_SIZE + (path.stat().st_size - fragfmt.HEADER_SIZE) // 2)
-
-
-def _delete(path: Path) -> None:
-    path.unlink()
+def _delete(spot: FragmentSpot) -> None:
+    spot.unlink()
 
 
 DAMAGE = {"payload-bitflip": _damage_payload, "header-bitflip": _damage_header,
@@ -326,8 +329,7 @@ def test_a_full_disk_makes_the_fragment_move_to_another_disk(make_pool: MakePool
         assert len(rows) == 6 and 2 not in {d for _, _, _, d in rows}
         assert read_fresh(pool, extent_id) == data
     assert_distinct_disks(pool)
-    assert DirectoryDisk(pool.disks[2].path).fragment_root.exists() is False or \
-        list(DirectoryDisk(pool.disks[2].path).list_fragments()) == []
+    assert list(DirectoryDisk(pool.disks[2].path).list_fragments()) == []
 
 
 @pytest.mark.parametrize("fault", ["eio", "short", "enospc"])
@@ -344,7 +346,7 @@ def test_a_failing_disk_leaves_the_extent_with_fewer_fragments(make_pool: MakePo
     # The half-written fragment file is gone; everything recorded is whole.
     assert list(faulty.inner.list_fragments()) == []
     for fid, _, _, disk_id in rows:
-        fragfmt.parse(pool.backends[disk_id].fragment_path(fid).read_bytes())
+        fragfmt.parse(fragment_spot(pool, fid, disk_id).read_bytes())
     assert read_fresh(pool, extent_id) == data
 
 

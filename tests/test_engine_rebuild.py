@@ -23,6 +23,7 @@ from test_engine_support import (
     assert_distinct_disks,
     disk_of,
     fragment_file,
+    fragment_spot,
     fragments,
     read_fresh,
     store,
@@ -44,13 +45,14 @@ def assert_whole(pool: Pool, extent_id: int, policy: Policy, data: bytes) -> Non
     assert sorted(i for _, _, i, _ in rows) == list(range(policy.width))
     assert len({d for _, _, _, d in rows}) == policy.width
     for fid, _, _, disk_id in rows:
-        fragfmt.parse(pool.backends[disk_id].fragment_path(fid).read_bytes())
+        fragfmt.parse(fragment_spot(pool, fid, disk_id).read_bytes())
     assert read_fresh(pool, extent_id) == data
 
 
 def disk_files(pool: Pool) -> dict[Path, bytes]:
+    """Every segment file of every disk, with its bytes."""
     return {p: p.read_bytes() for d in pool.disks.values()
-            for p in Path(d.path, "fragments").rglob("*.frag")}
+            for p in Path(d.path, "segments").glob("*.seg")}
 
 
 @pytest.mark.parametrize("policy_name", POLICIES)

@@ -12,9 +12,10 @@ from types import TracebackType
 
 from dynamicfs.admin.disks import add_disk
 from dynamicfs.admin.init import DEFAULT_EXTENT_SIZE, init_pool
-from dynamicfs.disks.directory import DirectoryDisk
+from dynamicfs.disks.directory import DirectoryDisk, FragmentRef
 from dynamicfs.engine.pool import Pool
 from dynamicfs.redundancy.policy import Policy, ec, replicate
+from fragment_spot import FragmentSpot
 
 EC42 = ec(4, 2)
 REP3 = replicate(3)
@@ -85,10 +86,22 @@ def count(pool: Pool, table: str) -> int:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
-def fragment_file(pool: Pool, extent_id: int, index: int) -> Path:
+def fragment_ref(pool: Pool, fragment_id: int) -> FragmentRef:
+    with pool.meta.read() as conn:
+        row = conn.execute("SELECT id, segment, offset, size FROM fragments WHERE id = ?",
+                           (fragment_id,)).fetchone()
+    assert row is not None, f"no fragment {fragment_id}"
+    return FragmentRef(*row)
+
+
+def fragment_spot(pool: Pool, fragment_id: int, disk_id: int) -> FragmentSpot:
+    return FragmentSpot(pool.disks[disk_id].path, fragment_ref(pool, fragment_id))
+
+
+def fragment_file(pool: Pool, extent_id: int, index: int) -> FragmentSpot:
     for fid, _, idx, disk_id in fragments(pool, extent_id):
         if idx == index:
-            return pool.backends[disk_id].fragment_path(fid)
+            return fragment_spot(pool, fid, disk_id)
     raise AssertionError(f"extent {extent_id} has no fragment {index}")
 
 
@@ -106,7 +119,8 @@ def files_on_disks(pool: Pool) -> list[int]:
     """Fragment ids of every fragment file on every disk (duplicates kept), once the
     files freed by past commits are unlinked (that happens on a background thread)."""
     pool.store.wait_for_unlinks()
-    return [fid for d in pool.disks.values() for fid, _ in DirectoryDisk(d.path).list_fragments()]
+    return [ref.id for d in pool.disks.values()
+            for ref, _ in DirectoryDisk(d.path).list_fragments()]
 
 
 def assert_distinct_disks(pool: Pool) -> None:
@@ -126,7 +140,7 @@ def assert_accounting_matches_files(pool: Pool) -> None:
     assert sorted(files_on_disks(pool)) == sorted(recorded)
     sizes = {d: 0 for d in pool.disks}
     for fid, disk_id in recorded.items():
-        sizes[disk_id] += pool.backends[disk_id].fragment_path(fid).stat().st_size
+        sizes[disk_id] += fragment_spot(pool, fid, disk_id).read_bytes().__len__()
     with pool.meta.read() as conn:
         assert dict(conn.execute("SELECT id, used FROM disks").fetchall()) == sizes
     assert {d: info.used for d, info in pool.disks.items()} == sizes

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from dynamicfs.disks import fragment as fragfmt
-from dynamicfs.disks.directory import FRAGMENT_DIR
+from dynamicfs.disks.directory import DirectoryDisk
 from dynamicfs.disks.faulty import ENV_VAR
+from fragment_spot import FragmentSpot
 from fusehelpers import Mount, cli, make_pool, mounted_pool
 
 pytestmark = pytest.mark.fuse
@@ -302,13 +303,14 @@ def test_fault_injection_survives_adding_a_disk_to_the_mounted_pool(
 POLICIES = {"replicate:3": 2, "ec:4+2": 2}  # policy: fragments it may lose (M)
 
 
-def fragment_files(disks: list[Path]) -> dict[tuple[int, int], Path]:
-    """(extent id, fragment index) -> its fragment file, from the headers on the disks."""
+def fragment_files(disks: list[Path]) -> dict[tuple[int, int], FragmentSpot]:
+    """(extent id, fragment index) -> where that fragment is, from the records on the disks."""
     out = {}
     for disk in disks:
-        for path in (disk / FRAGMENT_DIR).glob("*/*.frag"):
-            head, _ = fragfmt.parse(path.read_bytes())
-            out[(head.extent_id, head.index)] = path
+        for ref, _ in DirectoryDisk(disk).list_fragments():
+            spot = FragmentSpot(disk, ref)
+            head, _ = fragfmt.parse(spot.read_bytes())
+            out[(head.extent_id, head.index)] = spot
     return out
 
 
@@ -317,17 +319,15 @@ def extents_of(pool: Path, name: str) -> list[int]:
     return [r["id"] for r in sorted(rows, key=lambda r: r["chunk"])]
 
 
-def damage(path: Path, kind: str) -> None:
-    """Damage a fragment file on its disk the way disks and people do."""
+def damage(spot: FragmentSpot, kind: str) -> None:
+    """Damage a fragment on its disk the way disks and people do."""
     if kind == "missing":
-        path.unlink()
+        spot.unlink()
     elif kind == "truncated":
-        os.truncate(path, fragfmt.HEADER_SIZE + (path.stat().st_size - fragfmt.HEADER_SIZE) // 2)
+        raw = spot.read_bytes()
+        spot.write_bytes(raw[: fragfmt.HEADER_SIZE + (len(raw) - fragfmt.HEADER_SIZE) // 2])
     else:
-        raw = bytearray(path.read_bytes())
-        at = 20 if kind == "header" else fragfmt.HEADER_SIZE + len(raw) // 3  # else: payload
-        raw[at] ^= 0x10
-        path.write_bytes(bytes(raw))
+        spot.flip(20 if kind == "header" else fragfmt.HEADER_SIZE + spot.size // 3)
 
 
 KINDS = ["missing", "payload", "header", "truncated"]
@@ -419,7 +419,7 @@ def test_reads_survive_a_lost_disk_and_a_bad_fragment_and_the_pool_heals(
         # tries, so at most two (M) are bad.
         for i, extent in enumerate(extents_of(pool_dir, "d/ec") + extents_of(pool_dir, "copies")):
             index = min(x for (e, x), path in where.items()
-                        if e == extent and lost_disk not in path.parents)
+                        if e == extent and lost_disk not in path.path.parents)
             damage(where[(extent, index)], KINDS[i % len(KINDS)])
         if how == "failed":
             cli("set-disk-health", pool_dir, lost_disk, "failed")

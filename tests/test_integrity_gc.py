@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from dynamicfs.disks.directory import DirectoryDisk
 from dynamicfs.engine.pool import Pool
 from dynamicfs.errors import DynamicFSError
 from dynamicfs.maintenance.gc import cleanup_orphans, find_orphans, parse_age
@@ -45,12 +45,17 @@ def unused_extents(pool_dir: Path) -> list[int]:
 
 def age_files(root: Path, seconds: float) -> None:
     then = time.time() - seconds
-    for path in root.rglob("*.frag"):
+    for path in root.rglob("*.seg"):
         os.utime(path, (then, then))
 
 
 def count_fragment_files(tmp_path: Path) -> int:
-    return sum(1 for _ in tmp_path.glob("disk*/fragments/*/*.frag"))
+    """Live fragment records on every disk."""
+    return sum(1 for d in tmp_path.glob("disk*") for _ in DirectoryDisk(d).list_fragments())
+
+
+def count_segments(tmp_path: Path) -> int:
+    return sum(1 for _ in tmp_path.glob("disk*/segments/*.seg"))
 
 
 @pytest.fixture
@@ -62,18 +67,24 @@ def pool_dir(tmp_path: Path) -> Path:
 
 def test_fragments_left_by_a_crash_are_orphans_removed_after_the_grace_period(
         pool_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    before = count_fragment_files(tmp_path)
+    before, segments = count_fragment_files(tmp_path), count_segments(tmp_path)
     leftovers = crash_leftovers(pool_dir)
     code, r = run_json(capsys, "detect-orphans", str(pool_dir))
     assert code == 1
     assert len(r["orphans"]) == leftovers == 12 and r["extents"] == []
-    assert all(Path(o["path"]).exists() and o["size"] > 0 for o in r["orphans"])
+    assert all(Path(o["path"].rpartition("@")[0]).exists() and o["size"] > 0
+               for o in r["orphans"])
+    crash_segments = count_segments(tmp_path) - segments
+    assert crash_segments > 0
     code, r = run_json(capsys, "cleanup-orphans", str(pool_dir))  # grace: 1 hour
     assert code == 0 and r["deleted"] == 0 and r["kept_young"] == leftovers
     age_files(tmp_path, 2 * 3600)
     code, r = run_json(capsys, "cleanup-orphans", str(pool_dir))
     assert code == 0 and r["deleted"] == leftovers and r["deleted_bytes"] > 0
+    # The segments the crashed open wrote held nothing else: they are gone too.
+    assert r["segments_removed"] == crash_segments
     assert count_fragment_files(tmp_path) == before
+    assert count_segments(tmp_path) == segments
     code, r = run_json(capsys, "detect-orphans", str(pool_dir))
     assert code == 0 and r["orphans"] == []
     assert read_file(pool_dir, "kept") == DATA
@@ -104,16 +115,16 @@ def test_a_fragment_copied_to_another_disk_is_an_orphan_there_only(
         pool_dir: Path, tmp_path: Path) -> None:
     source = fragment_paths(pool_dir, "kept")[0][0]
     stray_disk = next(d for d in sorted(tmp_path.glob("disk*"))
-                      if not any(str(p).startswith(str(d) + "/")
+                      if not any(str(p.path).startswith(str(d) + "/")
                                  for p in fragment_paths(pool_dir, "kept")[0]))
-    stray = stray_disk / source.relative_to(source.parents[2])
-    stray.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, stray)
+    # The fragment's record, copied into a segment file of its own on another disk.
+    stray = DirectoryDisk(stray_disk).segment_path(source.ref.id)
+    stray.write_bytes(source.read_bytes())
     with Pool.open(pool_dir) as pool:
         scan = find_orphans(pool)
-        assert [o.path for o in scan.orphans] == [str(stray)]
+        assert [o.path for o in scan.orphans] == [f"{stray}@0"]
         report = cleanup_orphans(pool, older_than=0)
-    assert report.deleted == 1
+    assert report.deleted == 1 and report.segments_removed == 1
     assert source.exists() and not stray.exists()
     assert read_file(pool_dir, "kept") == DATA
 
@@ -125,7 +136,7 @@ def test_fragments_of_the_current_open_are_never_taken_for_orphans(pool_dir: Pat
         assert scan.orphans == [] and scan.current == 6
         report = cleanup_orphans(pool, older_than=0)
         assert report.deleted == 0 and report.kept_current == 6
-        assert all(pool.backends[r.disk_id].fragment_exists(r.id)
+        assert all(pool.backends[r.disk_id].fragment_exists(r.ref)
                    for w in written for r in w.info.fragments)
         pool.store.discard(written)
 

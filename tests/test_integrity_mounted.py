@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamicfs.disks.directory import DirectoryDisk
+from dynamicfs.disks.directory import FragmentRef
+from fragment_spot import FragmentSpot
 from fusehelpers import cli, mounted_pool
 
 pytestmark = pytest.mark.fuse
@@ -21,13 +22,14 @@ def fragment_files(pool_dir: Path, name: str) -> list[Path]:
     conn = sqlite3.connect(f"file:{pool_dir / 'pool.db'}?mode=ro", uri=True)
     try:
         rows = conn.execute(
-            "SELECT f.id, d.path FROM fragments f JOIN disks d ON d.id = f.disk_id "
+            "SELECT d.path, f.id, f.segment, f.offset, f.size FROM fragments f "
+            "JOIN disks d ON d.id = f.disk_id "
             "WHERE f.extent_id = (SELECT x.extent_id FROM file_extents x JOIN dentries e "
             "ON e.ino = x.ino WHERE e.name = ? ORDER BY x.chunk LIMIT 1) ORDER BY f.idx",
             (name.encode(),)).fetchall()
     finally:
         conn.close()
-    return [DirectoryDisk(path).fragment_path(fid) for fid, path in rows]
+    return [FragmentSpot(r[0], FragmentRef(*r[1:])) for r in rows]
 
 
 def test_scrub_fsck_and_friends_run_inside_the_mount_daemon(

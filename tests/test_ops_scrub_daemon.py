@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from admin_support import assert_one_line_error, data_of, make_pool, run, write_files
+from dynamicfs.disks.directory import FragmentRef
 from dynamicfs.engine.pool import Pool
 from dynamicfs.maintenance import background, scrub
 from dynamicfs.maintenance.background import BackgroundScrub, Cursor, Schedule
 from dynamicfs.observability import metrics
 from dynamicfs.observability.audit import read_audit
+from fragment_spot import FragmentSpot
 
 KiB = 1024
 # Fast enough for tests, and a `low` slow enough to pause a pass in the middle.
@@ -94,13 +96,10 @@ def test_background_scrub_repairs_a_rotten_fragment_and_audits_it(tmp_path: Path
     pool_dir = make_pool(tmp_path, [None] * 3, policy="replicate:2", extent_size=64 * KiB)
     write_files(pool_dir, {f"/f{i}": data_of(f"f{i}", 128 * KiB) for i in range(4)})
     with Pool.open(pool_dir) as pool:
-        extent_id, fragment_id, disk_id = pool.meta.conn.execute(
-            "SELECT extent_id, id, disk_id FROM fragments ORDER BY extent_id, idx "
-            "LIMIT 1 OFFSET 5").fetchone()
-        path = pool.backends[disk_id].fragment_path(fragment_id)
-        raw = bytearray(path.read_bytes())
-        raw[-10] ^= 0xFF
-        path.write_bytes(bytes(raw))
+        extent_id, disk_id, *where = pool.meta.conn.execute(
+            "SELECT extent_id, disk_id, id, segment, offset, size FROM fragments "
+            "ORDER BY extent_id, idx LIMIT 1 OFFSET 5").fetchone()
+        FragmentSpot(pool.disks[disk_id].path, FragmentRef(*where)).flip(-10)
 
         with scrubbing(pool) as scrubber:
             scrubber.command("start", "high")

@@ -83,7 +83,7 @@ def add_disk(pool: Pool, path: Path | str, capacity: int | None = None,
     try:
         DirectoryDisk(root).prepare()
     except OSError as exc:
-        raise DiskError(f"cannot create the fragment directories in {root}: "
+        raise DiskError(f"cannot create the segment directory in {root}: "
                         f"{exc.strerror}") from None
     try:
         write_label(root, Label(pool.config.uuid, disk_uuid))

@@ -198,7 +198,7 @@ def register(cli: click.Group) -> None:
     @flexible("pool")
     @click.option("--json", "as_json", is_flag=True)
     def detect_orphans(pool: str, as_json: bool) -> None:
-        """List orphan fragment files and extents no file uses (exit 1 if any)."""
+        """List orphan fragments and extents no file uses (exit 1 if any)."""
         result = run_op(pool, "detect-orphans")
         if as_json:
             print_json(result)
@@ -224,14 +224,16 @@ def register(cli: click.Group) -> None:
                   help="only what is at least this old, e.g. 0s, 10m, 2h, 7d")
     @click.option("--json", "as_json", is_flag=True)
     def cleanup_orphans(pool: str, older_than: str, as_json: bool) -> None:
-        """Delete orphan fragment files and free extents no file uses."""
+        """Delete orphan fragments and empty segment files; free extents no file uses."""
         age = parse_age(older_than) if older_than else DEFAULT_GRACE
         result = run_op(pool, "cleanup-orphans", {"older_than": age})
         if as_json:
             print_json(result)
         else:
-            click.echo(f"deleted {result['deleted']} orphan fragment files "
-                       f"({format_size(result['deleted_bytes'])}), freed "
+            click.echo(f"deleted {result['deleted']} orphan fragments "
+                       f"({format_size(result['deleted_bytes'])}), removed "
+                       f"{result['segments_removed']} empty segment files "
+                       f"({format_size(result['segment_bytes'])}), freed "
                        f"{result['extents_freed']} unused extents")
             if result["kept_young"]:
                 click.echo(f"kept {result['kept_young']} younger than {older_than}")

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dynamicfs.disks.directory import DirectoryDisk, ProbeResult
+from dynamicfs.disks.directory import DirectoryDisk, FragmentRef, ProbeResult, SegmentInfo
 from dynamicfs.disks.label import Label
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class FaultyDisk:
                  *, own_device: bool = False) -> None:
         self.inner = inner
         self.root = inner.root
-        self.fragment_root = inner.fragment_root
+        self.segment_root = inner.segment_root
         # own_device: report a device id of its own, so the engine syncs this disk on
         # its own instead of through a syncfs() of a filesystem it shares with others.
         self.own_device = own_device
@@ -146,28 +146,32 @@ class FaultyDisk:
             return firing
 
     # -- fragments -----------------------------------------------------------
-    def fragment_path(self, fragment_id: int) -> Path:
-        return self.inner.fragment_path(fragment_id)
-
-    def write_fragment(self, fragment_id: int, header: bytes, payload: bytes | memoryview) -> None:
+    def write_fragment(self, fragment_id: int, header: bytes,
+                       payload: bytes | memoryview) -> tuple[int, int]:
         rule = self._fault("write", fragment_id)
         if self.crashed:
-            return
+            return self._lost_location
         if rule is None:
-            self.inner.write_fragment(fragment_id, header, payload)
-        elif rule.fault == "enospc":
+            return self.inner.write_fragment(fragment_id, header, payload)
+        if rule.fault == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        elif rule.fault == "short":
+        if rule.fault == "short":
             self.inner.write_fragment(fragment_id, header, memoryview(payload)[: len(payload) // 2])
+            self.inner.close()  # a torn record ends its segment, as a failed write does
             raise _eio(f"short write of fragment {fragment_id:x}")
-        else:
-            raise _eio(f"write of fragment {fragment_id:x}")
+        raise _eio(f"write of fragment {fragment_id:x}")
 
-    def read_fragment(self, fragment_id: int) -> bytes:
-        rule = self._fault("read", fragment_id)
+    @property
+    def _lost_location(self) -> tuple[int, int]:
+        """Where a write that never reached the disk claims to be: a segment that does
+        not exist (segment names are fragment ids, and this one is never used)."""
+        return 0, 0
+
+    def read_fragment(self, ref: FragmentRef) -> bytes:
+        rule = self._fault("read", ref.id)
         if rule is not None and rule.fault == "eio":
-            raise _eio(f"read of fragment {fragment_id:x}")
-        raw = self.inner.read_fragment(fragment_id)
+            raise _eio(f"read of fragment {ref.id:x}")
+        raw = self.inner.read_fragment(ref)
         if rule is not None and rule.fault == "bitflip" and raw:
             at = len(raw) // 2 if rule.at is None else min(rule.at, len(raw) - 1)
             flipped = bytearray(raw)
@@ -175,26 +179,45 @@ class FaultyDisk:
             raw = bytes(flipped)
         return raw
 
-    def delete_fragment(self, fragment_id: int) -> None:
-        rule = self._fault("delete", fragment_id)
+    def delete_fragment(self, ref: FragmentRef) -> None:
+        rule = self._fault("delete", ref.id)
         if self.crashed:
             return
         if rule is not None:
-            raise _eio(f"delete of fragment {fragment_id:x}")
-        self.inner.delete_fragment(fragment_id)
+            raise _eio(f"delete of fragment {ref.id:x}")
+        self.inner.delete_fragment(ref)
 
-    def fragment_exists(self, fragment_id: int) -> bool:
-        return self.inner.fragment_exists(fragment_id)
+    def fragment_exists(self, ref: FragmentRef) -> bool:
+        return self.inner.fragment_exists(ref)
 
-    def list_fragments(self) -> Iterator[tuple[int, float]]:
+    def list_fragments(self) -> Iterator[tuple[FragmentRef, float]]:
         return self.inner.list_fragments()
 
-    def sync(self, fragment_ids: Iterable[int]) -> None:
-        ids = list(fragment_ids)
+    def segments(self) -> list[SegmentInfo]:
+        return self.inner.segments()
+
+    def records(self, segment: int) -> Iterator[FragmentRef]:
+        return self.inner.records(segment)
+
+    def remove_segment(self, segment: int) -> bool:
+        return self.inner.remove_segment(segment)
+
+    def segment_path(self, segment: int) -> Path:
+        return self.inner.segment_path(segment)
+
+    @property
+    def active_segment(self) -> int | None:
+        return self.inner.active_segment
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def sync(self, refs: Iterable[FragmentRef]) -> None:
+        refs = list(refs)
         if self._fault("sync", None) is not None:
             raise _eio("sync")
         if not self.crashed:
-            self.inner.sync(ids)
+            self.inner.sync(refs)
 
     def sync_filesystem(self) -> None:
         if self._fault("sync", None) is not None:

@@ -1,4 +1,5 @@
-"""The fragment file format: an 80-byte header followed by the payload.
+"""The fragment format: an 80-byte header followed by the payload (a record of a
+segment file, or a fragment file of its own in pools written before segments).
 
 A fragment can be checked on its own: the header names its extent, fragment id and
 index, the payload length and the payload's BLAKE3, and is itself covered by a short
@@ -24,6 +25,9 @@ from dataclasses import dataclass
 import blake3
 
 FRAGMENT_MAGIC = b"DYNFSFRG"
+# A freed fragment's record in a segment: its magic is overwritten with this (the rest
+# of the header stays, so the segment can still be walked past it).
+FREED_MAGIC = b"DYNFSFRE"
 FRAGMENT_VERSION = 1
 _HEAD = struct.Struct("<8sHHIQQQ32s")
 HEADER_SIZE = _HEAD.size + 8
@@ -55,8 +59,11 @@ def make_header(extent_id: int, fragment_id: int, index: int, payload: bytes) ->
     return FragmentHeader(extent_id, fragment_id, index, len(payload), checksum(payload)).pack()
 
 
-def parse(raw: bytes) -> tuple[FragmentHeader, memoryview]:
-    """Split and check a whole fragment file. Raises FragmentError on any mismatch."""
+def parse_header(raw: bytes, *, freed_ok: bool = False) -> FragmentHeader:
+    """Check and unpack the first HEADER_SIZE bytes of a fragment (its payload unread).
+    With freed_ok, the header of a freed record is accepted too (see FREED_MAGIC)."""
+    if freed_ok and raw[:8] == FREED_MAGIC:
+        raw = FRAGMENT_MAGIC + raw[8:]
     if len(raw) < HEADER_SIZE:
         raise FragmentError(f"truncated header ({len(raw)} bytes)")
     head, head_sum = raw[: _HEAD.size], raw[_HEAD.size: HEADER_SIZE]
@@ -67,9 +74,15 @@ def parse(raw: bytes) -> tuple[FragmentHeader, memoryview]:
         raise FragmentError("bad magic")
     if version > FRAGMENT_VERSION:
         raise FragmentError(f"fragment format {version} is newer than this DynamicFS")
+    return FragmentHeader(extent_id, fragment_id, index, length, digest)
+
+
+def parse(raw: bytes) -> tuple[FragmentHeader, memoryview]:
+    """Split and check a whole fragment. Raises FragmentError on any mismatch."""
+    head = parse_header(raw)
     payload = memoryview(raw)[HEADER_SIZE:]
-    if len(payload) != length:
-        raise FragmentError(f"payload has {len(payload)} bytes, header says {length}")
-    if checksum(payload) != digest:
+    if len(payload) != head.length:
+        raise FragmentError(f"payload has {len(payload)} bytes, header says {head.length}")
+    if checksum(payload) != head.checksum:
         raise FragmentError("payload checksum mismatch")
-    return FragmentHeader(extent_id, fragment_id, index, length, digest), payload
+    return head, payload

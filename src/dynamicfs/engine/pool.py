@@ -197,6 +197,8 @@ class Pool:
             self.meta.commit()  # syncs pending fragments through the store's executor
             self.store.close()
             self.meta.close()
+            for backend in self.backends.values():
+                backend.close()
         finally:
             if self._lock:
                 self._lock.release()
@@ -219,9 +221,11 @@ class Pool:
                 info.reads, info.writes = old.reads, old.writes
                 info.bytes_read, info.bytes_written = old.bytes_read, old.bytes_written
             if disk_id not in self.backends or str(self.backends[disk_id].root) != info.path:
+                if disk_id in self.backends:
+                    self.backends[disk_id].close()
                 self.backends[disk_id] = DirectoryDisk(info.path)
         for gone in set(self.backends) - set(disks):
-            del self.backends[gone]
+            self.backends.pop(gone).close()
         store = getattr(self, "store", None)
         for disk_id, info in disks.items():
             old = self.disks.get(disk_id)

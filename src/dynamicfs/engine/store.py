@@ -10,9 +10,10 @@ missing, bad or displaced fragments on other disks and swaps the metadata atomic
 Invariants kept here:
 1. fragments of one extent on distinct disks (placement excludes used disks; the
    schema has UNIQUE(extent_id, disk_id));
-2. fragment files are created once (O_EXCL) under never-reused ids;
+2. fragments are appended once to segment files (disks/directory.py) under
+   never-reused ids; the metadata records where (segment, offset);
 3. every fragment written is synced by the before-commit hook before any metadata
-   naming it commits; freed fragment files are deleted only after the commit;
+   naming it commits; freed fragments are freed on their disks only after the commit;
 4. every byte returned has been checked: fragment checksum and extent checksum;
 6. an extent is stored with at least policy.minimum fragments or not at all.
 """
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 import blake3
 
 from dynamicfs.disks import fragment as fragfmt
-from dynamicfs.disks.directory import SYNCFS_THRESHOLD
+from dynamicfs.disks.directory import SYNCFS_THRESHOLD, FragmentRef
 from dynamicfs.disks.health import COUNTS_FOR_REDUNDANCY, HEALTHY, SUSPECT
 from dynamicfs.errors import FsError, NoSpaceError, UnreadableError
 from dynamicfs.observability.log import warn
@@ -54,6 +55,8 @@ SUSPECT_AFTER = 10
 SUSPECT_WINDOW = 600.0
 # Bytes of fragments queued for one disk before they go to a writer thread.
 WRITE_BATCH = 256 * 1024
+# The fragments columns a FragmentRow is built from, in its field order.
+FRAGMENT_COLUMNS = "id, extent_id, idx, disk_id, size, checksum, segment, offset"
 
 
 @dataclass
@@ -64,6 +67,12 @@ class FragmentRow:
     disk_id: int
     size: int
     checksum: bytes
+    segment: int | None = None  # where on its disk: see FragmentRef
+    offset: int = 0
+
+    @property
+    def ref(self) -> FragmentRef:
+        return FragmentRef(self.id, self.segment, self.offset, self.size)
 
 
 @dataclass
@@ -83,7 +92,7 @@ class WrittenExtent:
 
 
 def check_fragment(info: ExtentInfo, row: FragmentRow, raw: bytes) -> memoryview:
-    """The payload of a fragment file, if it is intact and the one the metadata names;
+    """The payload of a fragment's bytes, if intact and the fragment the metadata names;
     raises FragmentError saying what is wrong otherwise."""
     head, payload = fragfmt.parse(raw)
     if (head.extent_id, head.fragment_id, head.index) != (info.id, row.id, row.index):
@@ -145,11 +154,11 @@ class ExtentStore:
         # hop to `executor`: measured faster, as the threads already overlap extents).
         self._ahead_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dynamicfs-ahead")
         self._ahead: dict[int, Future[Payload]] = {}
-        # Freed fragment files are unlinked here, after their commit: freeing a file's
-        # blocks costs the filesystem about a millisecond, which commits need not wait for.
+        # Freed fragments are freed on their disks here, after their commit: giving blocks
+        # back costs the filesystem time that commits need not wait for.
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynamicfs-unlink")
         self._ahead_lock = threading.Lock()
-        self._unsynced: dict[int, list[int]] = collections.defaultdict(list)
+        self._unsynced: dict[int, list[FragmentRef]] = collections.defaultdict(list)
         # Guards _unsynced; a sync in flight (_syncing) makes other syncs wait, and a
         # failed one (_sync_failed) fails the next before-commit sync, so no transaction
         # naming its fragments can commit (invariant 3); a rollback clears it.
@@ -173,7 +182,7 @@ class ExtentStore:
         self.executor.shutdown(wait=True)
 
     def wait_for_unlinks(self) -> None:
-        """Return once every fragment file freed by a commit so far is unlinked."""
+        """Return once every fragment freed by a commit so far is freed on its disk."""
         try:
             self._deleter.submit(lambda: None).result()
         except RuntimeError:  # shut down: nothing is left to wait for
@@ -237,7 +246,7 @@ class ExtentStore:
             if failed:
                 self._replace_failed(plans, failed, candidates)
         except BaseException:
-            # A write that fails leaves nothing behind: no fragment files, no space charged.
+            # A write that fails leaves nothing behind: no live fragments, no space charged.
             wait([f for _, f in futures])
             self.discard([WrittenExtent(info) for info, _ in plans])
             raise
@@ -276,11 +285,11 @@ class ExtentStore:
                 row.checksum = fragfmt.checksum(payload)
             header = fragfmt.FragmentHeader(row.extent_id, row.id, row.index,
                                             len(payload), row.checksum).pack()
-            backend.write_fragment(row.id, header, payload)
+            row.segment, row.offset = backend.write_fragment(row.id, header, payload)
             info.writes += 1
             info.bytes_written += row.size
         with self._unsynced_lock:
-            self._unsynced[disk_id].extend(row.id for row, _ in work)
+            self._unsynced[disk_id].extend(row.ref for row, _ in work)
 
     def _collect(self, futures: list[tuple[int, Future[None]]]) -> dict[int, OSError]:
         """Wait for fragment writes; returns the disks whose writes failed."""
@@ -331,7 +340,7 @@ class ExtentStore:
                         self._charge(candidates, disk_id, row.size)
                         keep.append(new)
                     else:
-                        self._unlink_unrecorded([new])  # a short write leaves part of a file
+                        self._unlink_unrecorded([new])  # a short write leaves part of a record
                         candidates = [c for c in candidates if c.disk_id != disk_id]
             info.fragments = sorted(keep, key=lambda r: r.index)
             if len(keep) < info.policy.minimum:
@@ -344,22 +353,15 @@ class ExtentStore:
 
     def record(self, conn: Connection, written: Iterable[WrittenExtent]) -> None:
         """Insert the rows that name written extents (inside the caller's write())."""
-        used: collections.Counter[int] = collections.Counter()
         now = time.time()
+        rows: list[FragmentRow] = []
         for w in written:
             info = w.info
             conn.execute("INSERT INTO extents (id, length, checksum, policy, created) "
                          "VALUES (?, ?, ?, ?, ?)",
                          (info.id, info.length, info.checksum, str(info.policy), now))
-            conn.executemany(
-                "INSERT INTO fragments (id, extent_id, idx, disk_id, size, checksum) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(r.id, r.extent_id, r.index, r.disk_id, r.size, r.checksum)
-                 for r in info.fragments])
-            for r in info.fragments:
-                used[r.disk_id] += r.size
-        conn.executemany("UPDATE disks SET used = used + ? WHERE id = ?",
-                         [(n, d) for d, n in used.items()])
+            rows.extend(info.fragments)
+        self.record_fragments(conn, rows)
 
     def store(self, conn: Connection, items: list[tuple[bytes, Policy]]) -> list[int]:
         """write() + record(): the extent ids, in order."""
@@ -368,25 +370,26 @@ class ExtentStore:
         return [w.info.id for w in written]
 
     def discard(self, written: Iterable[WrittenExtent]) -> None:
-        """Forget written-but-unrecorded extents (their files become orphans now)."""
+        """Forget written-but-unrecorded extents (their fragments are freed now)."""
         for w in written:
             for r in w.info.fragments:
                 self.pool.disks[r.disk_id].used -= r.size
             self._unlink_unrecorded(w.info.fragments)
 
     def _unlink_unrecorded(self, rows: list[FragmentRow]) -> None:
-        """Delete fragment files no metadata names, and stop waiting to sync them."""
-        gone = {r.id for r in rows}
+        """Free fragments no metadata names, and stop waiting to sync them."""
+        gone = {r.ref for r in rows}
         with self._unsynced_lock:
-            # A sync in flight may have taken these ids already: a file deleted under it
-            # would fail it, and a failed sync rolls back the whole transaction.
+            # A sync in flight may have taken these already: let it finish before they
+            # are freed (a legacy fragment file unlinked under it would fail it, and a
+            # failed sync rolls back the whole transaction).
             while self._syncing:
                 self._unsynced_lock.wait()
             for disk_id in {r.disk_id for r in rows} & set(self._unsynced):
                 self._unsynced[disk_id] = [f for f in self._unsynced[disk_id] if f not in gone]
         for r in rows:
             try:
-                self.pool.backends[r.disk_id].delete_fragment(r.id)
+                self.pool.backends[r.disk_id].delete_fragment(r.ref)
             except (OSError, KeyError):
                 pass  # left behind as an orphan, for the garbage collector
 
@@ -416,7 +419,7 @@ class ExtentStore:
         with self._unsynced_lock:
             self._sync_failed = False
 
-    def _sync(self, pending: dict[int, list[int]]) -> None:
+    def _sync(self, pending: dict[int, list[FragmentRef]]) -> None:
         by_device: dict[int, list[int]] = collections.defaultdict(list)
         for disk_id in pending:
             try:
@@ -425,7 +428,7 @@ class ExtentStore:
                 by_device[-disk_id].append(disk_id)
         futures = []
         for disks in by_device.values():
-            total = sum(len(pending[d]) for d in disks)
+            total = sum(len({r.segment for r in pending[d]}) for d in disks)
             if total > SYNCFS_THRESHOLD:  # one syncfs of the shared filesystem covers all
                 futures.append(self.executor.submit(self.pool.backends[disks[0]].sync_filesystem))
             else:
@@ -441,7 +444,7 @@ class ExtentStore:
                                (extent_id,)).fetchone()
             if row is None:
                 raise UnreadableError(f"extent {extent_id} is not in the metadata")
-            frags = conn.execute("SELECT id, extent_id, idx, disk_id, size, checksum "
+            frags = conn.execute(f"SELECT {FRAGMENT_COLUMNS} "
                                  "FROM fragments WHERE extent_id = ? ORDER BY idx",
                                  (extent_id,)).fetchall()
         return ExtentInfo(extent_id, row[0], row[1], parse_concrete(row[2]),
@@ -523,7 +526,7 @@ class ExtentStore:
             return None, f"disk {row.disk_id} is gone"
         self._busy[row.disk_id] += 1
         try:
-            raw = backend.read_fragment(row.id)
+            raw = backend.read_fragment(row.ref)
         except FileNotFoundError:
             self.note_disk_error(row.disk_id, "missing", f"fragment {row.id:x} missing", row.id)
             return None, f"fragment {row.index} missing on disk {row.disk_id}"
@@ -590,7 +593,7 @@ class ExtentStore:
 
     # -- freeing -------------------------------------------------------------------
     def free_if_unreferenced(self, conn: Connection, extent_ids: Iterable[int]) -> int:
-        """Delete extents no file refers to; their files go after the commit."""
+        """Delete extents no file refers to; their fragments are freed after the commit."""
         freed = 0
         for extent_id in set(extent_ids):
             if conn.execute("SELECT 1 FROM file_extents WHERE extent_id = ? LIMIT 1",
@@ -601,19 +604,20 @@ class ExtentStore:
         return freed
 
     def delete_extent(self, conn: Connection, extent_id: int) -> None:
-        rows = conn.execute("SELECT id, disk_id, size FROM fragments WHERE extent_id = ?",
-                            (extent_id,)).fetchall()
+        rows = conn.execute("SELECT disk_id, id, segment, offset, size FROM fragments "
+                            "WHERE extent_id = ?", (extent_id,)).fetchall()
         conn.execute("DELETE FROM fragments WHERE extent_id = ?", (extent_id,))
         conn.execute("DELETE FROM extents WHERE id = ?", (extent_id,))
         conn.execute("DELETE FROM repair_queue WHERE extent_id = ?", (extent_id,))
-        self._release_fragments(conn, [(fid, disk_id, size) for fid, disk_id, size in rows])
+        self._release_fragments(conn, [(r[0], FragmentRef(*r[1:])) for r in rows])
         self.cache.drop(extent_id)
 
-    def _release_fragments(self, conn: Connection, rows: list[tuple[int, int, int]]) -> None:
-        """Account for fragment rows just deleted; unlink their files after commit."""
+    def _release_fragments(self, conn: Connection, rows: list[tuple[int, FragmentRef]]) -> None:
+        """Account for fragment rows (disk id, where) just deleted; free them on their
+        disks after the commit."""
         per_disk: collections.Counter[int] = collections.Counter()
-        for _, disk_id, size in rows:
-            per_disk[disk_id] += size
+        for disk_id, ref in rows:
+            per_disk[disk_id] += ref.size
         conn.executemany("UPDATE disks SET used = MAX(0, used - ?) WHERE id = ?",
                          [(n, d) for d, n in per_disk.items()])
         for disk_id, n in per_disk.items():
@@ -621,13 +625,13 @@ class ExtentStore:
                 self.pool.disks[disk_id].used = max(0, self.pool.disks[disk_id].used - n)
 
         def unlink() -> None:
-            for fid, disk_id, _ in rows:
+            for disk_id, ref in rows:
                 backend = self.pool.backends.get(disk_id)
                 if backend is not None:
                     try:
-                        backend.delete_fragment(fid)
+                        backend.delete_fragment(ref)
                     except OSError:
-                        pass  # a gone or failed disk: its files are garbage already
+                        pass  # a gone or failed disk: its fragments are garbage already
 
         def unlink_later() -> None:
             try:
@@ -815,7 +819,7 @@ class ExtentStore:
                 self._unlink_unrecorded(new_rows)
                 return "stale"
             conn.executemany("DELETE FROM fragments WHERE id = ?", [(r.id,) for r in retire])
-            self._release_fragments(conn, [(r.id, r.disk_id, r.size) for r in retire])
+            self._release_fragments(conn, [(r.disk_id, r.ref) for r in retire])
             self.record_fragments(conn, new_rows)
             conn.execute("DELETE FROM repair_queue WHERE extent_id = ?", (info.id,))
         complete = len(keep) + len(new_rows) >= info.policy.width
@@ -823,9 +827,10 @@ class ExtentStore:
 
     def record_fragments(self, conn: Connection, rows: list[FragmentRow]) -> None:
         conn.executemany(
-            "INSERT INTO fragments (id, extent_id, idx, disk_id, size, checksum) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [(r.id, r.extent_id, r.index, r.disk_id, r.size, r.checksum) for r in rows])
+            "INSERT INTO fragments (id, extent_id, idx, disk_id, size, checksum, segment, "
+            "offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(r.id, r.extent_id, r.index, r.disk_id, r.size, r.checksum, r.segment, r.offset)
+             for r in rows])
         per_disk: collections.Counter[int] = collections.Counter()
         for r in rows:
             per_disk[r.disk_id] += r.size

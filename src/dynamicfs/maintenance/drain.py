@@ -329,29 +329,36 @@ def _forget_disk(pool: Pool, disk_id: int, result: DrainResult) -> None:
     pool.reload_disks()
     result.removed = True
     if backend is not None:
-        result.label_removed = _wipe(backend.root, backend.fragment_root)
+        backend.close()
+        result.label_removed = _wipe(backend.root, [backend.segment_root, backend.legacy_root])
 
 
-def _wipe(root: os.PathLike[str], fragment_root: os.PathLike[str]) -> bool:
+def _remove_ours(where: str | os.PathLike[str]) -> None:
+    """Remove a segment directory or a directory of fragment fan-out directories, and
+    in them only the files DynamicFS writes there."""
+    for entry in os.scandir(where):
+        if entry.is_dir(follow_symlinks=False):
+            _remove_ours(entry.path)
+        elif entry.name.endswith((".seg", ".frag")):
+            os.unlink(entry.path)
+    os.rmdir(where)
+
+
+def _wipe(root: os.PathLike[str], fragment_dirs: list[os.PathLike[str]]) -> bool:
     """Remove what DynamicFS left in a directory that is no longer a disk of the pool.
 
-    Every fragment file there is garbage now: no metadata names the disk any more, and
-    metadata copies there describe a pool the disk has left. Returns whether the label
-    is gone (False when the directory cannot be reached).
+    Every segment and fragment file there is garbage now: no metadata names the disk any
+    more, and metadata copies there describe a pool the disk has left. Returns whether
+    the label is gone (False when the directory cannot be reached).
     """
     shutil.rmtree(os.path.join(root, METADATA_DIR), ignore_errors=True)
-    try:
-        for sub in os.scandir(fragment_root):
-            if sub.is_dir(follow_symlinks=False):
-                for entry in os.scandir(sub.path):
-                    if entry.name.endswith(".frag"):
-                        os.unlink(entry.path)
-                os.rmdir(sub.path)
-        os.rmdir(fragment_root)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        pass  # a foreign file, or an unreachable disk: leave the rest as it is
+    for where in fragment_dirs:
+        try:
+            _remove_ours(where)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # a foreign file, or an unreachable disk: leave the rest as it is
     try:
         os.unlink(os.path.join(root, LABEL_NAME))
     except FileNotFoundError:

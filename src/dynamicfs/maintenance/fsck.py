@@ -12,7 +12,8 @@ Checks, in the order repairs are made (each check sees the earlier repairs):
 5. link counts: a file has one link per entry, a directory 2 + its subdirectories;
 6. extents no file refers to are freed; extents that files refer to exist and have
    fragments;
-7. every fragment row has its file on its disk, of the recorded size (missing or
+7. every fragment row has its bytes on its disk: its segment file is there and long
+   enough, and the header at its offset names it with the recorded size (missing or
    short ones are rebuilt by ExtentStore.rebuild from the others);
 8. each disk's `used` is the sum of its fragments' sizes.
 
@@ -22,6 +23,7 @@ read; anything else is listed as not repaired, with what to do about it.
 
 from __future__ import annotations
 
+import collections
 import os
 import stat
 import time
@@ -30,7 +32,7 @@ from sqlite3 import Connection
 from typing import TYPE_CHECKING
 
 from dynamicfs.disks import health
-from dynamicfs.disks.directory import FRAGMENT_DIR
+from dynamicfs.disks.directory import FragmentRef
 from dynamicfs.engine.pool import ID_BITS, mount_info
 from dynamicfs.errors import DynamicFSError, UnreadableError
 from dynamicfs.maintenance.paths import ROOT_INO, PathResolver
@@ -306,28 +308,26 @@ class _Fsck:
                          "'dynamicfs repair'")
         broken: dict[int, list[str]] = {}
         with pool.meta.read() as conn:
-            rows = conn.execute("SELECT id, extent_id, disk_id, size FROM fragments "
-                                "ORDER BY disk_id").fetchall()
+            rows = conn.execute("SELECT disk_id, extent_id, id, segment, offset, size "
+                                "FROM fragments ORDER BY disk_id, segment, offset").fetchall()
             in_pool = set(pool.disks)
-        files: dict[int, dict[int, int]] = {}
-        for fragment_id, extent_id, disk_id, size in rows:
+        extent_of: dict[int, int] = {}
+        per_disk: dict[int, list[FragmentRef]] = collections.defaultdict(list)
+        for disk_id, extent_id, *where in rows:
+            ref = FragmentRef(*where)
             if disk_id not in in_pool:
                 broken.setdefault(extent_id, []).append(
-                    f"fragment {fragment_id} is on disk {disk_id}, which the pool does not have")
+                    f"fragment {ref.id} is on disk {disk_id}, which the pool does not have")
                 continue
             if disk_id in bad_disks:
                 continue
-            if disk_id not in files:
-                files[disk_id] = _fragment_sizes(pool, disk_id)
-            actual = files[disk_id].get(fragment_id)
-            if actual is None:
-                broken.setdefault(extent_id, []).append(
-                    f"fragment {fragment_id} is missing on disk {disk_id}")
-            elif actual != size:
-                broken.setdefault(extent_id, []).append(
-                    f"fragment {fragment_id} on disk {disk_id} has {actual} bytes, "
-                    f"{size} recorded")
-        self.checked["fragment_files"] = sum(len(f) for f in files.values())
+            extent_of[ref.id] = extent_id
+            per_disk[disk_id].append(ref)
+        for disk_id, refs in per_disk.items():
+            for ref, what in pool.backends[disk_id].find_problems(refs):
+                broken.setdefault(extent_of[ref.id], []).append(
+                    f"fragment {ref.id} on disk {disk_id}: {what}")
+        self.checked["fragment_files"] = sum(len(refs) for refs in per_disk.values())
         for extent_id, details in sorted(broken.items()):
             with pool.meta.read() as conn:
                 if conn.execute("SELECT 1 FROM extents WHERE id = ?",
@@ -365,24 +365,6 @@ class _Fsck:
                     live.used = max(0, live.used + want - used)
             self.problem("used-counter", f"disk {disk_id} counts {used} bytes used, its "
                          f"fragments add up to {want}", repaired=self.repair)
-
-
-def _fragment_sizes(pool: Pool, disk_id: int) -> dict[int, int]:
-    """Fragment id -> file size, for every fragment file on the disk."""
-    root = pool.backends[disk_id].root / FRAGMENT_DIR
-    out: dict[int, int] = {}
-    if not root.is_dir():
-        return out
-    for sub in os.scandir(root):
-        if not sub.is_dir():
-            continue
-        for entry in os.scandir(sub.path):
-            if entry.name.endswith(".frag"):
-                try:
-                    out[int(entry.name[:-5], 16)] = entry.stat().st_size
-                except (ValueError, FileNotFoundError):
-                    continue
-    return out
 
 
 def fsck(pool: Pool, repair: bool = False) -> FsckReport:

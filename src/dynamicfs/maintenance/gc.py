@@ -1,25 +1,29 @@
-"""Garbage collection: orphan fragment files and extents no file refers to.
+"""Garbage collection: orphan fragments, empty segment files, unreferenced extents.
 
-An orphan is a fragment file on a disk whose id has no `fragments` row for that disk:
-left by a crash between writing fragments and committing the metadata that names
-them (DESIGN invariant 5), by a rebuild that moved a fragment, or by a delete whose
-unlink did not happen. An unreferenced extent has no `file_extents` row.
+An orphan is a live fragment record on a disk whose id has no `fragments` row for that
+disk: left by a crash between writing fragments and committing the metadata that names
+them (DESIGN invariant 5), by a write that failed half-way, or by a free that did not
+reach the disk. Cleaning it frees it as the store frees a fragment (dead marker,
+payload punched out). A segment file no row names any more is removed whole. An
+unreferenced extent has no `file_extents` row.
 
-Both are removed only once older than a grace period (default one hour, by file mtime
-and extent creation time), and never when they belong to the pool's current open
-(ids of the current epoch): those may be fragments and extents being written right
-now by the mount daemon, not yet recorded. Failed disks are not listed.
+All are removed only once older than a grace period (default one hour, by the mtime of
+the segment file and the extent's creation time). Orphans and extents of the pool's
+current open (ids of the current epoch) are never removed: they may be being written
+right now by the mount daemon, not yet recorded; nor is the segment the pool is
+appending to, nor, whatever the grace asked for, a segment of the current open written
+to within the last DEFAULT_GRACE. Failed disks are not listed.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dynamicfs.disks import health
+from dynamicfs.disks.directory import FragmentRef
 from dynamicfs.engine.pool import ID_BITS
 from dynamicfs.errors import DynamicFSError
 
@@ -44,9 +48,10 @@ def parse_age(text: str) -> float:
 class OrphanFragment:
     disk_id: int
     fragment_id: int
-    path: str
+    path: str  # the file that holds it, with "@offset" for a record of a segment
     size: int
-    age: float  # seconds since the file was last modified
+    age: float  # seconds since that file was last modified
+    ref: FragmentRef
 
 
 @dataclass
@@ -80,6 +85,8 @@ class CleanupReport:
     kept_current: int
     errors: list[str]
     skipped_disks: list[str]
+    segments_removed: int = 0
+    segment_bytes: int = 0  # what the removed segment files held on their filesystems
 
 
 @dataclass
@@ -125,19 +132,18 @@ def find_orphans(pool: Pool) -> OrphanScan:
         with pool.meta.read() as conn:
             known = {r[0] for r in conn.execute("SELECT id FROM fragments WHERE disk_id = ?",
                                                 (disk.id,))}
-        for fragment_id, mtime in files:
-            if fragment_id in known:
+        for ref, mtime in files:
+            if ref.id in known:
                 continue
-            if _current_epoch(pool, fragment_id):
+            if _current_epoch(pool, ref.id):
                 scan.current += 1
                 continue
-            path = backend.fragment_path(fragment_id)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                continue
-            scan.orphans.append(OrphanFragment(disk.id, fragment_id, str(path), size,
-                                               max(0.0, now - mtime)))
+            if ref.segment is None:
+                path = str(backend.legacy_path(ref.id))
+            else:
+                path = f"{backend.segment_path(ref.segment)}@{ref.offset}"
+            scan.orphans.append(OrphanFragment(disk.id, ref.id, path, ref.size,
+                                               max(0.0, now - mtime), ref))
     with pool.meta.read() as conn:
         rows = conn.execute(
             "SELECT e.id, e.length, e.created, (SELECT count(*) FROM fragments f "
@@ -158,6 +164,8 @@ def detect_orphans(pool: Pool) -> OrphanScan:
 
 def cleanup_orphans(pool: Pool, older_than: float = DEFAULT_GRACE) -> CleanupReport:
     """Delete orphan files and free unreferenced extents older than `older_than` seconds."""
+    # Segment ages from before any orphan in them is freed (freeing writes to them).
+    ages = _segment_ages(pool)
     scan = find_orphans(pool)
     deleted = deleted_bytes = kept = 0
     errors: list[str] = []
@@ -171,14 +179,13 @@ def cleanup_orphans(pool: Pool, older_than: float = DEFAULT_GRACE) -> CleanupRep
                             (fragment_id, orphan.disk_id)).fetchone():
                 continue
         try:
-            os.unlink(orphan.path)
-        except FileNotFoundError:
-            continue
+            pool.backends[orphan.disk_id].delete_fragment(orphan.ref)
         except OSError as exc:
             errors.append(f"{orphan.path}: {exc.strerror}")
             continue
         deleted += 1
         deleted_bytes += orphan.size
+    removed, removed_bytes = _remove_empty_segments(pool, ages, older_than, errors)
     freed = 0
     with pool.meta.write() as conn:
         for extent in scan.extents:
@@ -186,12 +193,63 @@ def cleanup_orphans(pool: Pool, older_than: float = DEFAULT_GRACE) -> CleanupRep
                 kept += 1
                 continue
             freed += pool.store.free_if_unreferenced(conn, [extent.extent_id])
-    if freed or deleted:
+    if freed or deleted or removed:
         pool.record_event("cleanup-orphans", {"deleted": deleted, "bytes": deleted_bytes,
-                                              "extents": freed})
+                                              "extents": freed, "segments": removed})
     pool.meta.commit()
     return CleanupReport(older_than, deleted, deleted_bytes, freed, kept, scan.current, errors,
-                         scan.skipped_disks)
+                         scan.skipped_disks, removed, removed_bytes)
+
+
+def _segment_ages(pool: Pool) -> dict[tuple[int, int], float]:
+    """(disk id, segment) -> seconds since the segment file was last written."""
+    now = time.time()
+    out = {}
+    for disk in pool.disks.values():
+        if disk.state == health.FAILED:
+            continue
+        try:
+            segments = pool.backends[disk.id].segments()
+        except OSError:
+            continue
+        out.update({(disk.id, seg.segment): max(0.0, now - seg.mtime) for seg in segments})
+    return out
+
+
+def _remove_empty_segments(pool: Pool, ages: dict[tuple[int, int], float], older_than: float,
+                           errors: list[str]) -> tuple[int, int]:
+    """Remove segment files no fragment row names; returns (how many, bytes they held)."""
+    removed = removed_bytes = 0
+    for disk in sorted(pool.disks.values(), key=lambda d: d.id):
+        if disk.state == health.FAILED:
+            continue
+        backend = pool.backends[disk.id]
+        try:
+            segments = backend.segments()
+        except OSError as exc:
+            errors.append(f"disk {disk.id} ({disk.path}): {exc.strerror}")
+            continue
+        with pool.meta.read() as conn:
+            live = {r[0] for r in conn.execute(
+                "SELECT DISTINCT segment FROM fragments WHERE disk_id = ? "
+                "AND segment IS NOT NULL", (disk.id,))}
+        for seg in segments:
+            age = ages.get((disk.id, seg.segment), 0.0)
+            if seg.segment in live or seg.segment == backend.active_segment or age < older_than:
+                continue
+            if _current_epoch(pool, seg.segment) and age < DEFAULT_GRACE:
+                continue  # a record written by this open may not be recorded yet
+            with pool.meta.read() as conn:  # named since the listing: it stays
+                if conn.execute("SELECT 1 FROM fragments WHERE disk_id = ? AND segment = ? "
+                                "LIMIT 1", (disk.id, seg.segment)).fetchone():
+                    continue
+            try:
+                if backend.remove_segment(seg.segment):
+                    removed += 1
+                    removed_bytes += seg.allocated
+            except OSError as exc:
+                errors.append(f"{backend.segment_path(seg.segment)}: {exc.strerror}")
+    return removed, removed_bytes
 
 
 def orphan_stats(pool: Pool, grace: float = DEFAULT_GRACE) -> OrphanStats:

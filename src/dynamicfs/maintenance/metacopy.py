@@ -443,8 +443,11 @@ def _adapt(staged: Path, pool_uuid: str, dirs: list[Path]) -> tuple[int, list[st
                 conn.execute("UPDATE disks SET path = ? WHERE uuid = ?", (str(d), label.disk_uuid))
                 moved.append(f"disk {label.disk_uuid}: {known[label.disk_uuid]} -> {d}")
         for path in paths:
-            for fragment_id, _ in DirectoryDisk(path).list_fragments():
-                epoch = max(epoch, fragment_id >> ID_BITS)
+            disk = DirectoryDisk(path)
+            for ref, _ in disk.list_fragments():
+                epoch = max(epoch, ref.id >> ID_BITS)
+            for seg in disk.segments():  # named after fragment ids, walkable or not
+                epoch = max(epoch, seg.segment >> ID_BITS)
         conn.execute("UPDATE pool SET epoch = ? WHERE id = 1", (epoch,))
         conn.commit()
     finally:

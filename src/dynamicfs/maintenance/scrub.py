@@ -33,7 +33,7 @@ import blake3
 from dynamicfs.disks import fragment as fragfmt
 from dynamicfs.disks import health
 from dynamicfs.disks.label import LabelError, read_label
-from dynamicfs.engine.store import ExtentInfo, FragmentRow, check_fragment
+from dynamicfs.engine.store import FRAGMENT_COLUMNS, ExtentInfo, FragmentRow, check_fragment
 from dynamicfs.errors import DynamicFSError, UnreadableError
 from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.redundancy import codecs
@@ -258,7 +258,7 @@ def _read_fragment(pool: Pool, info: ExtentInfo, row: FragmentRow
     """(payload, bytes read, '') when the fragment passes every check, else (None, n, why)."""
     disk = pool.disks[row.disk_id]
     try:
-        raw = pool.backends[row.disk_id].read_fragment(row.id)
+        raw = pool.backends[row.disk_id].read_fragment(row.ref)
     except FileNotFoundError:
         pool.store.note_disk_error(row.disk_id, "missing", f"fragment {row.id:x} missing", row.id)
         return None, 0, "missing"
@@ -297,7 +297,7 @@ def load_extents(pool: Pool, after: int, limit: int) -> list[ExtentInfo]:
                             "ORDER BY id LIMIT ?", (after, limit)).fetchall()
         if not rows:
             return []
-        frags = conn.execute("SELECT id, extent_id, idx, disk_id, size, checksum FROM fragments "
+        frags = conn.execute(f"SELECT {FRAGMENT_COLUMNS} FROM fragments "
                              "WHERE extent_id BETWEEN ? AND ? ORDER BY extent_id, idx",
                              (rows[0][0], rows[-1][0])).fetchall()
     by_extent: dict[int, list[FragmentRow]] = collections.defaultdict(list)

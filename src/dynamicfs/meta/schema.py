@@ -7,7 +7,7 @@ version i to i+1. The pool's on-disk format version (FORMAT_VERSION) is stored i
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _V1 = """
 CREATE TABLE pool (
@@ -162,5 +162,15 @@ CREATE TABLE background_scrub (
 );
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+# Version 4 (format 2): fragments are records of segment files. A fragment row says
+# where: `segment` (the segment file's number) and `offset` (its first byte there).
+# Rows of older pools keep segment NULL: their fragments are files of their own.
+_V4 = """
+ALTER TABLE fragments ADD COLUMN segment INTEGER;
+ALTER TABLE fragments ADD COLUMN offset INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX fragments_segment ON fragments (disk_id, segment);
+UPDATE pool SET format_version = 2;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)

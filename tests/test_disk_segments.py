@@ -1,0 +1,141 @@
+"""Segment files on a directory disk: appends, rollover, freeing with holes, walking,
+a vanished disk, and fragments of format-1 pools (a file each) read next to segments."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from dynamicfs.disks import fragment as fragfmt
+from dynamicfs.disks.directory import DirectoryDisk, FragmentRef
+from dynamicfs.disks.label import Label, write_label
+from dynamicfs.engine.pool import Pool
+from dynamicfs.maintenance.fsck import fsck
+from dynamicfs.maintenance.scrub import scrub
+from dynamicfs.namespace.fs import Namespace
+from integrity_support import make_pool, read_file, write_files
+
+KiB = 1024
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> DirectoryDisk:
+    root = tmp_path / "d"
+    root.mkdir()
+    write_label(root, Label("11111111-1111-1111-1111-111111111111",
+                            "22222222-2222-2222-2222-222222222222"))
+    disk = DirectoryDisk(root, segment_max=64 * KiB)
+    disk.prepare()
+    return disk
+
+
+def put(disk: DirectoryDisk, fid: int, payload: bytes) -> FragmentRef:
+    header = fragfmt.make_header(7, fid, 0, payload)
+    segment, offset = disk.write_fragment(fid, header, payload)
+    return FragmentRef(fid, segment, offset, len(header) + len(payload))
+
+
+def test_records_are_appended_back_to_back_and_roll_over_to_a_new_segment(
+        disk: DirectoryDisk) -> None:
+    refs = [put(disk, fid, os.urandom(20 * KiB)) for fid in range(1, 8)]
+    size = fragfmt.HEADER_SIZE + 20 * KiB
+    # Three records fit under 64 KiB; the fourth starts a segment named after it.
+    assert [(r.segment, r.offset) for r in refs] == [
+        (1, 0), (1, size), (1, 2 * size), (4, 0), (4, size), (4, 2 * size), (7, 0)]
+    assert [s.segment for s in disk.segments()] == [1, 4, 7]
+    assert [r for r, _ in disk.list_fragments()] == refs
+    for ref in refs:
+        head, _ = fragfmt.parse(disk.read_fragment(ref))
+        assert head.fragment_id == ref.id
+    disk.sync(refs)
+
+
+def test_a_freed_fragment_gives_its_blocks_back_and_is_no_longer_listed(
+        disk: DirectoryDisk) -> None:
+    big = DirectoryDisk(disk.root)  # 256 MiB segments
+    refs = [put(big, fid, os.urandom(1024 * KiB)) for fid in range(10, 13)]
+    big.sync(refs)
+    before = big.segments()[0].allocated
+    big.delete_fragment(refs[1])
+    after = big.segments()[0].allocated
+    assert before - after >= 1000 * KiB  # the payload's whole blocks are punched out
+    assert [r.id for r, _ in big.list_fragments()] == [10, 12]  # walked past the freed one
+    with pytest.raises(FileNotFoundError):
+        big.read_fragment(refs[1])
+    assert big.read_fragment(refs[2])[fragfmt.HEADER_SIZE:] == \
+        fragfmt.parse(big.read_fragment(refs[2]))[1].tobytes()
+    assert not big.fragment_exists(refs[1]) and big.fragment_exists(refs[0])
+
+
+def test_a_torn_record_ends_its_segment_and_hides_nothing_before_it(disk: DirectoryDisk) -> None:
+    good = put(disk, 1, b"a" * 1000)
+    torn = put(disk, 2, b"b" * 1000)
+    os.truncate(disk.segment_path(1), torn.offset + 500)  # a crash cut the tail
+    assert [r for r, _ in disk.list_fragments()] == [good]
+    problems = dict(disk.find_problems([good, torn]))
+    assert list(problems) == [torn] and "cut short" in problems[torn]
+    # A new open never appends after it: its records go to a segment of their own.
+    again = DirectoryDisk(disk.root)
+    assert put(again, 3, b"c").segment == 3
+
+
+def test_a_disk_whose_directory_vanished_is_not_written_again(disk: DirectoryDisk,
+                                                              tmp_path: Path) -> None:
+    ref = put(disk, 1, b"x" * 100)
+    disk.sync([ref])
+    moved = tmp_path / "elsewhere"
+    disk.root.rename(moved)
+    disk.root.mkdir()  # an empty directory where the disk was: an unmounted mount point
+    with pytest.raises(FileNotFoundError):
+        put(disk, 2, b"y" * 100)  # the open segment is gone with the disk: no new one here
+    assert list(disk.root.iterdir()) == []
+
+
+def test_a_sync_fails_when_the_segment_vanished_under_it(disk: DirectoryDisk) -> None:
+    ref = put(disk, 1, b"x" * 100)
+    os.unlink(disk.segment_path(1))
+    with pytest.raises(FileNotFoundError):
+        disk.sync([ref])
+
+
+def test_fragments_of_a_format_1_pool_are_read_checked_and_freed_next_to_segments(
+        tmp_path: Path) -> None:
+    pool_dir = make_pool(tmp_path, disks=6)
+    data = os.urandom(300 * KiB)
+    write_files(pool_dir, {"old": data})
+    # Turn every fragment of the file into what format 1 wrote: a file of its own, its
+    # row without a segment.
+    conn = sqlite3.connect(pool_dir / "pool.db")
+    rows = conn.execute("SELECT f.id, f.segment, f.offset, f.size, d.path FROM fragments f "
+                        "JOIN disks d ON d.id = f.disk_id").fetchall()
+    for fid, segment, offset, size, path in rows:
+        disk = DirectoryDisk(path)
+        ref = FragmentRef(fid, segment, offset, size)
+        legacy = disk.legacy_path(fid)
+        legacy.parent.mkdir(parents=True, exist_ok=True)
+        legacy.write_bytes(disk.read_fragment(ref))
+        disk.delete_fragment(ref)
+    with conn:
+        conn.execute("UPDATE fragments SET segment = NULL, offset = 0")
+    conn.close()
+    assert read_file(pool_dir, "old") == data
+    with Pool.open(pool_dir) as pool:
+        assert scrub(pool).clean
+        assert fsck(pool).problems == []
+        legacy_files = [r for d in pool.backends.values() for r, _ in d.list_fragments()]
+        assert len(legacy_files) == len(rows) and all(r.segment is None for r in legacy_files)
+    write_files(pool_dir, {"new": data})  # new fragments go to segments
+    assert read_file(pool_dir, "new") == data == read_file(pool_dir, "old")
+    with Pool.open(pool_dir) as pool:
+        ns = Namespace(pool)
+        try:
+            ns.unlink(1, b"old")
+            ns.sync_all()
+        finally:
+            ns.close()
+        pool.store.wait_for_unlinks()
+        assert all(not d.legacy_path(fid).exists()
+                   for d in pool.backends.values() for fid, *_ in rows)
