@@ -5,9 +5,10 @@ tmpfs) and stores --size of file data as 1 MiB extents under ec:4+2, so every di
 holds one fragment of every extent. Then, each after sync and dropping the page cache
 (needs root):
 
-- plain read: the fragment files of one disk read once, one after another, with plain
-  1 MiB reads: the bytes the rebuild has to re-create; and, for scale, a plain file of
-  --size bytes (the file data whose redundancy the rebuild restores) read the same way;
+- plain read: the segment files of one disk (its fragments) read once, one after
+  another, with plain 1 MiB reads: the bytes the rebuild has to re-create; and, for
+  scale, a plain file of --size bytes (the file data whose redundancy the rebuild
+  restores) read the same way;
 - rebuild: that disk is failed (set-disk-health failed), an empty replacement disk is
   added (a 4+2 extent needs six disks), and maintenance.repair.rebuild_pending()
   restores full redundancy: for every extent it reads four fragments from the other
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
         drop_caches()
         start = time.perf_counter()
-        plain = read_files(sorted(victim.glob("fragments/*/*.frag")))
+        plain = read_files(sorted(victim.glob("segments/*.seg")))
         t_plain = time.perf_counter() - start
         data_file = base / "plain-data"
         write_plain(data_file, size)

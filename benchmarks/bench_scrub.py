@@ -6,8 +6,8 @@ after sync and dropping the page cache (needs root):
 
 - scrub: maintenance.scrub.scrub() of the whole pool (every fragment read, parsed,
   checksummed against its header and the metadata, every extent decoded and checked);
-- plain read: every fragment file of the pool read once, one after another, with
-  plain 1 MiB reads (what `cat` of the same files does);
+- plain read: every segment file of the pool (the files holding the fragments) read
+  once, one after another, with plain 1 MiB reads (what `cat` of the same files does);
 - engine read: ExtentStore.read() of every extent (the user's read path: k fragments).
 
 Figures are MB/s of fragment bytes read (10^6 bytes per second) for scrub and plain
@@ -59,7 +59,7 @@ def run_policy(base: Path, pool_dir: Path, size: int, policy: Policy, cold: bool
     if cold:
         drop_caches()
     start = time.perf_counter()
-    plain = read_files(sorted(base.glob("disk*/fragments/*/*.frag")))
+    plain = read_files(sorted(base.glob("disk*/segments/*.seg")))
     t_plain = time.perf_counter() - start
     if cold:
         drop_caches()

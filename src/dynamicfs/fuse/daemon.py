@@ -48,6 +48,7 @@ from dynamicfs.disks.faulty import FaultSpecError, wrap_backends
 from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, check_pool_dir, is_pool
 from dynamicfs.errors import DynamicFSError, PoolBusyError
 from dynamicfs.fuse.adapter import Operations
+from dynamicfs.maintenance.gc import SegmentSweeper
 from dynamicfs.maintenance.metacopy import PeriodicCopier
 from dynamicfs.maintenance.rebuilder import BackgroundRebuild
 from dynamicfs.namespace.fs import Namespace
@@ -324,12 +325,14 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
             opts = fuse_options(pool_dir, options)
             _mount_fuse(Operations(namespace), mnt, opts)
             rebuilder = BackgroundRebuild(pool_obj)
+            sweeper = SegmentSweeper(pool_obj)
             control = ControlServer(pool_obj, before_op=lambda name: namespace.sync_all())
             stop_metrics: Callable[[], None] | None = None
             try:
                 _write_mount_files(pool_dir, mnt, opts)
                 control.start()
                 rebuilder.start()
+                sweeper.start()
                 copier.start()
                 if options.metrics_address:
                     stop_metrics = start_metrics_server(pool_obj, options.metrics_address)
@@ -343,6 +346,7 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
                     stop_metrics()
                 control.stop()
                 rebuilder.stop()
+                sweeper.stop()
                 copier.stop()
                 pyfuse3.close(unmount=True)
                 log("unmounted", mountpoint=str(mnt))

@@ -18,6 +18,7 @@ to within the last DEFAULT_GRACE. Failed disks are not listed.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from dynamicfs.disks import health
 from dynamicfs.disks.directory import FragmentRef
 from dynamicfs.engine.pool import ID_BITS
 from dynamicfs.errors import DynamicFSError
+from dynamicfs.observability.log import log, warn
 
 if TYPE_CHECKING:
     from dynamicfs.engine.pool import Pool
@@ -262,3 +264,54 @@ def orphan_stats(pool: Pool, grace: float = DEFAULT_GRACE) -> OrphanStats:
                                  sum(1 for o in mine if o.age >= grace)))
     return OrphanStats(disks, len(scan.orphans), scan.orphan_bytes, len(scan.extents),
                        sum(e.length for e in scan.extents), scan.current, scan.skipped_disks)
+
+
+def remove_empty_segments(pool: Pool, older_than: float = DEFAULT_GRACE) -> tuple[int, int]:
+    """Remove segment files no fragment row names, older than `older_than` seconds (and
+    those of the current open older than DEFAULT_GRACE); returns (how many, bytes) and
+    logs what could not be removed."""
+    errors: list[str] = []
+    removed, removed_bytes = _remove_empty_segments(pool, _segment_ages(pool), older_than,
+                                                    errors)
+    for err in errors:
+        warn("segment not removed", detail=err)
+    return removed, removed_bytes
+
+
+class SegmentSweeper:
+    """In the mount daemon: every INTERVAL seconds, segment files that nothing lives in
+    any more are removed (the space of small freed fragments comes back with them)."""
+
+    INTERVAL = 600.0
+
+    def __init__(self, pool: Pool, interval: float = INTERVAL,
+                 older_than: float = DEFAULT_GRACE) -> None:
+        self.pool = pool
+        self.interval = interval
+        self.older_than = older_than
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="dynamicfs-segments",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sweep()
+
+    def sweep(self) -> int:
+        try:
+            removed, held = remove_empty_segments(self.pool, self.older_than)
+        except Exception as exc:  # a background task must not die of one bad pass
+            warn("segment sweep failed", reason=str(exc))
+            return 0
+        if removed:
+            log("empty segments removed", segments=removed, bytes=held)
+        return removed
