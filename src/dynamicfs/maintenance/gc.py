@@ -18,7 +18,6 @@ to within the last DEFAULT_GRACE. Failed disks are not listed.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from dynamicfs.disks import health
 from dynamicfs.disks.directory import FragmentRef
 from dynamicfs.engine.pool import ID_BITS
 from dynamicfs.errors import DynamicFSError
+from dynamicfs.maintenance.periodic import Periodic
 from dynamicfs.observability.log import log, warn
 
 if TYPE_CHECKING:
@@ -278,33 +278,21 @@ def remove_empty_segments(pool: Pool, older_than: float = DEFAULT_GRACE) -> tupl
     return removed, removed_bytes
 
 
-class SegmentSweeper:
+class SegmentSweeper(Periodic):
     """In the mount daemon: every INTERVAL seconds, segment files that nothing lives in
     any more are removed (the space of small freed fragments comes back with them)."""
 
     INTERVAL = 600.0
+    THREAD_NAME = "dynamicfs-segments"
 
     def __init__(self, pool: Pool, interval: float = INTERVAL,
                  older_than: float = DEFAULT_GRACE) -> None:
+        super().__init__(interval)
         self.pool = pool
-        self.interval = interval
         self.older_than = older_than
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="dynamicfs-segments",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sweep()
+    def tick(self) -> int:
+        return self.sweep()
 
     def sweep(self) -> int:
         try:

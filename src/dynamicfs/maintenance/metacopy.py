@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import sqlite3
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from dynamicfs.disks.directory import DirectoryDisk
 from dynamicfs.disks.label import LabelError, read_label
 from dynamicfs.engine.pool import ID_BITS, PoolLock
 from dynamicfs.errors import DiskError, DynamicFSError, PoolError
+from dynamicfs.maintenance.periodic import Periodic
 from dynamicfs.maintenance.scrub import check_disks
 from dynamicfs.meta.store import DB_NAME
 from dynamicfs.observability.log import log, warn
@@ -467,32 +467,20 @@ def _move_aside(pool_dir: Path, why: str) -> list[str]:
     return moved
 
 
-class PeriodicCopier:
+class PeriodicCopier(Periodic):
     """In the mount daemon: a metadata copy every INTERVAL seconds while the metadata
     changes (it commits), and one at unmount (`final()`)."""
 
     INTERVAL = 60.0
+    THREAD_NAME = "dynamicfs-metacopy"
 
     def __init__(self, pool: Pool, interval: float = INTERVAL) -> None:
+        super().__init__(interval)
         self.pool = pool
-        self.interval = interval
         self._copied_at = -1  # MetaStore.commits right after the last copy
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="dynamicfs-metacopy",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.copy_if_changed()
+    def tick(self) -> bool:
+        return self.copy_if_changed()
 
     def copy_if_changed(self) -> bool:
         if self.pool.meta.commits == self._copied_at and not self.pool.meta.dirty:
