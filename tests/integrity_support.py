@@ -1,5 +1,5 @@
 """Real pools for the integrity tests: built with admin functions, filled through the
-namespace in-process, damaged by touching real fragment files and disk directories."""
+namespace in-process, damaged by touching real segment files and disk directories."""
 
 from __future__ import annotations
 

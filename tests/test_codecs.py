@@ -101,7 +101,7 @@ def test_decode_fails_unreadable_when_one_loss_too_many(policy: Policy, data: by
 @codec_settings
 @given(data=extents())
 def test_join_data_of_the_data_fragments_is_the_extent(policy: Policy, data: bytes) -> None:
-    # Payloads arrive as memoryviews from fragment files; pyeclib is handed bytes.
+    # Payloads arrive as memoryviews of fragments read from disk; pyeclib is handed bytes.
     fragments = [memoryview(f) for f in codecs.encode(policy, data)]
     present = dict(enumerate(fragments))
     assert codecs.join_data(policy, present, len(data)) == data

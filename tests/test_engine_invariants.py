@@ -1,8 +1,8 @@
 """The extent store keeps DESIGN invariants 1-4 and 6 on real pools.
 
 Every test builds a pool in tmp_path with real disk directories, writes through
-ExtentStore and checks the metadata, the fragment files and what reads return.
-Faults come from damaging real fragment files or from FaultyDisk in place of a disk.
+ExtentStore and checks the metadata, the fragments on disk and what reads return.
+Faults come from damaging real fragments on disk or from FaultyDisk in place of a disk.
 """
 
 from __future__ import annotations

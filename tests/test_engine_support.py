@@ -1,7 +1,7 @@
 """Helpers for the engine, placement and namespace tests: real pools in tmp_path.
 
 No tests here. `PoolMaker` builds pools over fresh disk directories and closes them
-at the end of a test; the functions read the metadata and the fragment files back.
+at the end of a test; the functions read the metadata and the fragments on disk back.
 """
 
 from __future__ import annotations

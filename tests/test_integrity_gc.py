@@ -1,5 +1,5 @@
-"""Garbage: orphan fragment files (no fragments row for their disk) and extents no file
-uses are found, and removed once older than the grace period."""
+"""Garbage: orphan fragments (no fragments row for their disk), empty segment files and
+extents no file uses are found, and removed once older than the grace period."""
 
 from __future__ import annotations
 

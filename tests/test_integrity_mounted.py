@@ -18,7 +18,7 @@ pytestmark = pytest.mark.fuse
 
 
 def fragment_files(pool_dir: Path, name: str) -> list[Path]:
-    """The fragment files of the first extent of the file called `name`."""
+    """The fragments of the first extent of the file called `name`."""
     conn = sqlite3.connect(f"file:{pool_dir / 'pool.db'}?mode=ro", uri=True)
     try:
         rows = conn.execute(

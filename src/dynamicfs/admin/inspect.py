@@ -107,7 +107,7 @@ class ExtentHealth:
     length: int
     counting: int   # distinct fragment indexes on disks that count for redundancy
     readable: int   # distinct fragment indexes on readable disks
-    raw: int        # bytes of all its fragment files
+    raw: int        # bytes of all its fragments
 
     @property
     def state(self) -> str:
@@ -269,7 +269,7 @@ class PolicyUsage:
     policy: str
     extents: int
     bytes: int       # file data
-    raw_bytes: int   # fragment files on disks, headers included
+    raw_bytes: int   # fragments on disks, headers included
     overhead: float  # raw_bytes / bytes
 
 

@@ -208,7 +208,7 @@ def register(cli: click.Group) -> None:
                             [[o["disk_id"], o["fragment_id"], format_size(o["size"]),
                               _duration(o["age"]), o["path"]] for o in result["orphans"]])
             total = sum(o["size"] for o in result["orphans"])
-            click.echo(f"{len(result['orphans'])} orphan fragment files "
+            click.echo(f"{len(result['orphans'])} orphan fragments "
                        f"({format_size(total)}), {len(result['extents'])} extents no file "
                        "uses")
             if result["current"]:
@@ -245,7 +245,7 @@ def register(cli: click.Group) -> None:
     @flexible("pool")
     @click.option("--json", "as_json", is_flag=True)
     def orphan_stats(pool: str, as_json: bool) -> None:
-        """Orphan fragment files per disk, and extents no file uses."""
+        """Orphan fragments per disk, and extents no file uses."""
         result = run_op(pool, "orphan-stats")
         if as_json:
             print_json(result)
@@ -254,7 +254,7 @@ def register(cli: click.Group) -> None:
                     [[d["disk_id"], d["path"], d["orphans"], format_size(d["bytes"]),
                       _duration(d["oldest"]) if d["orphans"] else "-", d["older_than_grace"]]
                      for d in result["disks"]])
-        click.echo(f"{result['orphans']} orphan fragment files ({format_size(result['bytes'])}),"
+        click.echo(f"{result['orphans']} orphan fragments ({format_size(result['bytes'])}),"
                    f" {result['extents']} unused extents ({format_size(result['extent_bytes'])})")
 
     @cli.command("copy-metadata")

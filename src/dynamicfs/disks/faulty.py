@@ -67,7 +67,7 @@ class FaultRule:
     fault: str
     after: int = 0
     times: int | None = None
-    at: int | None = None  # bitflip: byte offset in the fragment file
+    at: int | None = None  # bitflip: byte offset in the fragment
 
     def __post_init__(self) -> None:
         if self.op not in OPERATIONS:

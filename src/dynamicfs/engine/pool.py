@@ -5,7 +5,7 @@ has the pool open: the mount daemon or an offline command), `mount.json` (where 
 mounted, while it is), the control socket and the logs.
 
 Every open bumps the pool's epoch and commits it before anything else, so ids handed
-out in this open ((epoch << 32) + n) can never collide with fragment files left by an
+out in this open ((epoch << 32) + n) can never collide with fragments left by an
 earlier open that crashed (DESIGN invariant 2).
 """
 

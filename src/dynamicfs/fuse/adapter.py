@@ -100,7 +100,7 @@ class Operations(pyfuse3.Operations):
       here, more than such a call; `ls -lR` of 2,000 files got 2.5x faster. When the
       lock is taken (a commit, the flusher) they go to a worker thread, so the loop
       never waits for the lock. Such namespace methods must never wait on a condition
-      nor touch fragment files.
+      nor touch fragments.
     - `pyfuse3.readdir_reply` must be called from the event-loop thread: readdir
       fetches a batch of entries (through `_run_quick`) and replies from the loop.
     - Handlers raise only FUSEError, and each is timed for the metrics (`_handler`).

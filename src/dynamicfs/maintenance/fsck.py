@@ -291,7 +291,7 @@ class _Fsck:
             self.problem("unreferenced-extent", f"extent {extent_id} is not used by any file",
                          repaired=self.repair)
 
-    # -- 7. fragment files ------------------------------------------------------------------
+    # -- 7. fragments on the disks ----------------------------------------------------------
     def fragment_files(self) -> None:
         pool = self.pool
         checks = check_disks(pool)

@@ -117,7 +117,7 @@ def _current_epoch(pool: Pool, object_id: int) -> bool:
 
 
 def find_orphans(pool: Pool) -> OrphanScan:
-    """Every orphan fragment file and unreferenced extent, whatever its age."""
+    """Every orphan fragment and unreferenced extent, whatever its age."""
     scan = OrphanScan()
     now = time.time()
     for disk in sorted(pool.disks.values(), key=lambda d: d.id):
@@ -165,7 +165,8 @@ def detect_orphans(pool: Pool) -> OrphanScan:
 
 
 def cleanup_orphans(pool: Pool, older_than: float = DEFAULT_GRACE) -> CleanupReport:
-    """Delete orphan files and free unreferenced extents older than `older_than` seconds."""
+    """Free orphan fragments, remove empty segments and free unreferenced extents older
+    than `older_than` seconds."""
     # Segment ages from before any orphan in them is freed (freeing writes to them).
     ages = _segment_ages(pool)
     scan = find_orphans(pool)

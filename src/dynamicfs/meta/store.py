@@ -7,7 +7,7 @@ Rules:
   end of an offline command), so many small operations share one fsync.
 - `commit()` first runs the before-commit hooks, which make every fragment named by
   the transaction durable (DESIGN invariant 3), then COMMITs (WAL, synchronous=FULL),
-  then runs the after-commit actions (deleting fragment files freed by it). If a hook
+  then runs the after-commit actions (freeing the fragments it dropped). If a hook
   fails, the whole transaction is rolled back and the error raised: its changes are
   lost, as in a crash just before the commit.
 - An after-commit action registered inside a `write()` that rolls back is dropped.

@@ -11,7 +11,7 @@ Where each extent stands is counted from the metadata alone, in one GROUP BY pas
 an extent is under-redundant when fewer than its policy's width of fragments sit on
 disks whose fragments count for redundancy, unreadable when fewer than k sit on
 readable disks. A scrub finds what the metadata cannot show (rotten or missing
-fragment files); its findings are reported beside these counts.
+fragments); its findings are reported beside these counts.
 
 Heavy queries run on a read-only connection of their own (`reader()`): SQLite's WAL
 lets them read the last committed state without taking the pool's metadata lock, so
