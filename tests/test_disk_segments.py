@@ -87,6 +87,7 @@ def test_a_disk_whose_directory_vanished_is_not_written_again(disk: DirectoryDis
                                                               tmp_path: Path) -> None:
     ref = put(disk, 1, b"x" * 100)
     disk.sync([ref])
+    disk.check_every = 0  # look before every append (else at most every 0.1 s)
     moved = tmp_path / "elsewhere"
     disk.root.rename(moved)
     disk.root.mkdir()  # an empty directory where the disk was: an unmounted mount point
@@ -164,3 +165,14 @@ def test_segments_nothing_lives_in_are_removed_by_the_sweeper_and_the_rest_stay(
     left = sorted(tmp_path.glob("disk*/segments/*.seg"))
     assert len(left) == len(segments) - 4
     assert read_file(pool_dir, "kept") == b"k" * 5000
+
+
+def test_records_appended_to_a_vanished_disk_are_never_synced(disk: DirectoryDisk,
+                                                               tmp_path: Path) -> None:
+    disk.check_every = 3600.0  # appends do not look: sync must
+    put(disk, 1, b"x" * 100)
+    disk.root.rename(tmp_path / "elsewhere")
+    disk.root.mkdir()
+    late = put(disk, 2, b"y" * 100)
+    with pytest.raises(FileNotFoundError):
+        disk.sync([late])

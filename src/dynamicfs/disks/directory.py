@@ -24,6 +24,7 @@ import ctypes.util
 import errno
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ SEGMENT_DIR = "segments"
 LEGACY_DIR = "fragments"
 # A segment takes appends until it holds this many bytes; the next write starts another.
 SEGMENT_MAX = 256 << 20
+# How often (seconds) an append checks that the disk directory is still where it was.
+CHECK_EVERY = 0.1
 # Above this many segment files to sync on one filesystem, one syncfs() beats one
 # fsync() per file.
 SYNCFS_THRESHOLD = 8
@@ -111,6 +114,8 @@ class DirectoryDisk:
         self._active_fd = -1
         self._end = 0
         self._new_entries = False  # a segment file was created since the last sync
+        self.check_every = CHECK_EVERY
+        self._checked = 0.0  # when the active segment was last found at its path
 
     def __repr__(self) -> str:
         return f"DirectoryDisk({str(self.root)!r})"
@@ -169,12 +174,20 @@ class DirectoryDisk:
         self._active = fragment_id
         self._end = 0
         self._new_entries = True
+        self._checked = time.monotonic()
 
     def _still_there(self) -> bool:
         """Whether the active segment is still the file at its path: a disk directory
         that vanished (renamed, deleted, its filesystem unmounted) must not take more
-        records through a descriptor opened before."""
+        records through a descriptor opened before. Looked at most every `check_every`
+        seconds (a path lookup per small fragment cost as much as writing it); a record
+        written in between is caught by sync(), which reaches segments by path, so the
+        metadata never names it."""
         assert self._active is not None
+        now = time.monotonic()
+        if now - self._checked < self.check_every:
+            return True
+        self._checked = now
         try:
             there = os.stat(self.segment_path(self._active))
         except OSError:
