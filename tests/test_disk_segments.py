@@ -14,7 +14,7 @@ from dynamicfs.disks.directory import DirectoryDisk, FragmentRef
 from dynamicfs.disks.label import Label, write_label
 from dynamicfs.engine.pool import Pool
 from dynamicfs.maintenance.fsck import fsck
-from dynamicfs.maintenance.gc import SegmentSweeper
+from dynamicfs.maintenance.gc import SegmentSweeper, compact_segments, segment_ages, tidy_segments
 from dynamicfs.maintenance.scrub import scrub
 from dynamicfs.namespace.fs import Namespace
 from integrity_support import make_pool, read_file, write_files
@@ -176,3 +176,57 @@ def test_records_appended_to_a_vanished_disk_are_never_synced(disk: DirectoryDis
     late = put(disk, 2, b"y" * 100)
     with pytest.raises(FileNotFoundError):
         disk.sync([late])
+
+
+def _unlink_all(pool: Pool, names: list[str]) -> None:
+    ns = Namespace(pool)
+    try:
+        for name in names:
+            ns.unlink(1, name.encode())
+        ns.sync_all()
+    finally:
+        ns.close()
+    pool.store.wait_for_unlinks()
+
+
+def test_mostly_freed_segments_are_compacted_then_removed_and_nothing_is_lost(
+        tmp_path: Path) -> None:
+    pool_dir = make_pool(tmp_path, disks=4, policy="replicate:3")
+    files = {f"f{i}": os.urandom(3000 + i) for i in range(60)}
+    write_files(pool_dir, files)
+    kept = [f"f{i}" for i in range(0, 60, 10)]
+    old = set(tmp_path.glob("disk*/segments/*.seg"))
+    with Pool.open(pool_dir) as pool:
+        _unlink_all(pool, [name for name in files if name not in kept])
+        held = sum(s.allocated for d in pool.backends.values() for s in d.segments())
+        # The default wants 8 MiB of dead space per segment: these hold far less.
+        assert tidy_segments(pool, older_than=0) == (0, 0)
+        compacted, moved = compact_segments(pool, segment_ages(pool), 0, min_dead=0)
+        assert compacted == len(old) and moved == 3 * sum(
+            fragfmt.HEADER_SIZE + len(files[name]) for name in kept)
+        assert tidy_segments(pool, older_than=0)[0] == len(old)
+        assert scrub(pool).clean and fsck(pool).problems == []
+        assert sum(s.allocated for d in pool.backends.values() for s in d.segments()) < held
+    assert not old & set(tmp_path.glob("disk*/segments/*.seg"))
+    for name in kept:
+        assert read_file(pool_dir, name) == files[name]
+
+
+def test_a_move_of_a_fragment_that_changed_meanwhile_leaves_it_where_it_is(
+        tmp_path: Path) -> None:
+    pool_dir = make_pool(tmp_path, disks=4, policy="replicate:3")
+    data = os.urandom(5000)
+    write_files(pool_dir, {"f": data})
+    with Pool.open(pool_dir) as pool:
+        rows = pool.store.load(pool.meta.conn.execute(
+            "SELECT id FROM extents").fetchone()[0]).fragments
+        disk_id = rows[0].disk_id
+        assert pool.store.move_fragments(disk_id, [rows[0]])[0] == 1
+        pool.meta.commit()
+        # The same row again, as a move that read it before the first one committed.
+        assert pool.store.move_fragments(disk_id, [rows[0]]) == (0, 0)
+        pool.meta.commit()
+        pool.store.wait_for_unlinks()
+        listed = [r.id for r, _ in pool.backends[disk_id].list_fragments()]
+        assert listed == [rows[0].id]  # one live copy: the stale one was freed
+    assert read_file(pool_dir, "f") == data

@@ -231,8 +231,9 @@ def register(cli: click.Group) -> None:
             print_json(result)
         else:
             click.echo(f"deleted {result['deleted']} orphan fragments "
-                       f"({format_size(result['deleted_bytes'])}), removed "
-                       f"{result['segments_removed']} empty segment files "
+                       f"({format_size(result['deleted_bytes'])}), compacted "
+                       f"{result['segments_compacted']} and removed "
+                       f"{result['segments_removed']} segment files "
                        f"({format_size(result['segment_bytes'])}), freed "
                        f"{result['extents_freed']} unused extents")
             if result["kept_young"]:

@@ -25,7 +25,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -138,10 +138,12 @@ class DirectoryDisk:
     def active_segment(self) -> int | None:
         return self._active
 
-    def write_fragment(self, fragment_id: int, header: bytes,
-                       payload: bytes | memoryview) -> tuple[int, int]:
+    def write_fragment(self, fragment_id: int, header: bytes, payload: bytes | memoryview,
+                       *, name_segment: Callable[[], int] | None = None) -> tuple[int, int]:
         """Append the fragment to the active segment (not yet durable: call sync()).
-        Returns (segment, offset)."""
+        Returns (segment, offset). A segment started by this write is named after the
+        fragment, or by `name_segment()` (a fresh id: a fragment moved to another
+        segment may have named the one it comes from)."""
         size = len(header) + len(payload)
         with self._append:
             if self._active is not None and (
@@ -149,7 +151,7 @@ class DirectoryDisk:
                     or not self._still_there()):
                 self._seal()
             if self._active is None:
-                self._start_segment(fragment_id)
+                self._start_segment(fragment_id if name_segment is None else name_segment())
             segment, offset = self._active, self._end
             assert segment is not None
             try:
@@ -160,7 +162,7 @@ class DirectoryDisk:
             self._end += size
         return segment, offset
 
-    def _start_segment(self, fragment_id: int) -> None:
+    def _start_segment(self, name: int) -> None:
         # Named after the first fragment written to it: fragment ids are never reused, so
         # neither are segment names. A new process never appends to an older segment.
         if not self.segment_root.is_dir():
@@ -169,9 +171,9 @@ class DirectoryDisk:
             if not (self.root / LABEL_NAME).is_file():
                 raise FileNotFoundError(errno.ENOENT, f"{self.root}: the disk label is missing")
             self.segment_root.mkdir(exist_ok=True)
-        self._active_fd = os.open(self.segment_path(fragment_id),
+        self._active_fd = os.open(self.segment_path(name),
                                   os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._active = fragment_id
+        self._active = name
         self._end = 0
         self._new_entries = True
         self._checked = time.monotonic()

@@ -34,7 +34,7 @@ import collections
 import errno
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -146,13 +146,14 @@ class FaultyDisk:
             return firing
 
     # -- fragments -----------------------------------------------------------
-    def write_fragment(self, fragment_id: int, header: bytes,
-                       payload: bytes | memoryview) -> tuple[int, int]:
+    def write_fragment(self, fragment_id: int, header: bytes, payload: bytes | memoryview,
+                       *, name_segment: Callable[[], int] | None = None) -> tuple[int, int]:
         rule = self._fault("write", fragment_id)
         if self.crashed:
             return self._lost_location
         if rule is None:
-            return self.inner.write_fragment(fragment_id, header, payload)
+            return self.inner.write_fragment(fragment_id, header, payload,
+                                             name_segment=name_segment)
         if rule.fault == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if rule.fault == "short":

@@ -21,6 +21,7 @@ Invariants kept here:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import threading
 import time
@@ -623,6 +624,11 @@ class ExtentStore:
         for disk_id, n in per_disk.items():
             if disk_id in self.pool.disks:
                 self.pool.disks[disk_id].used = max(0, self.pool.disks[disk_id].used - n)
+        self._free_after_commit(rows)
+
+    def _free_after_commit(self, rows: list[tuple[int, FragmentRef]]) -> None:
+        """Free these fragments (disk id, where) on their disks once the current
+        transaction has committed, on the background deleter."""
 
         def unlink() -> None:
             for disk_id, ref in rows:
@@ -824,6 +830,48 @@ class ExtentStore:
             conn.execute("DELETE FROM repair_queue WHERE extent_id = ?", (info.id,))
         complete = len(keep) + len(new_rows) >= info.policy.width
         return "repaired" if complete and new_rows else ("partial" if new_rows else "stuck")
+
+    # -- moving fragments between segments ----------------------------------------------
+    def move_fragments(self, disk_id: int, rows: list[FragmentRow]) -> tuple[int, int]:
+        """Copy fragments of a disk to its active segment and point their rows there
+        (compaction of a segment that is mostly freed space); durable at the next commit,
+        the old copies freed after it. A fragment found damaged or missing stays where it
+        is (scrub and repair deal with it), and so does one whose row changed meanwhile
+        (its new copy is freed at once). Returns (fragments moved, bytes moved)."""
+        backend = self.pool.backends[disk_id]
+        copies: list[tuple[FragmentRow, FragmentRef]] = []  # (row at its new place, old place)
+        for row in rows:
+            try:
+                raw = backend.read_fragment(row.ref)
+                head, _ = fragfmt.parse(raw)
+            except (OSError, fragfmt.FragmentError):
+                continue
+            if (head.extent_id, head.fragment_id, head.index, head.checksum, len(raw)) != (
+                    row.extent_id, row.id, row.index, row.checksum, row.size):
+                continue
+            view = memoryview(raw)
+            segment, offset = backend.write_fragment(
+                row.id, raw[: fragfmt.HEADER_SIZE], view[fragfmt.HEADER_SIZE:],
+                name_segment=self.pool.new_fragment_id)
+            copies.append((dataclasses.replace(row, segment=segment, offset=offset), row.ref))
+        with self._unsynced_lock:
+            self._unsynced[disk_id].extend(new.ref for new, _ in copies)
+        moved: list[tuple[int, FragmentRef]] = []
+        stale: list[FragmentRow] = []
+        with self.meta.write() as conn:
+            for new, old in copies:
+                cur = conn.execute(
+                    "UPDATE fragments SET segment = ?, offset = ? WHERE id = ? AND disk_id = ? "
+                    "AND segment IS ? AND offset = ?",
+                    (new.segment, new.offset, new.id, disk_id, old.segment, old.offset))
+                if cur.rowcount:
+                    moved.append((disk_id, old))
+                else:
+                    stale.append(new)
+            self._free_after_commit(moved)
+        if stale:
+            self._unlink_unrecorded(stale)
+        return len(moved), sum(ref.size for _, ref in moved)
 
     def record_fragments(self, conn: Connection, rows: list[FragmentRow]) -> None:
         conn.executemany(

@@ -5,7 +5,9 @@ disk: left by a crash between writing fragments and committing the metadata that
 them (DESIGN invariant 5), by a write that failed half-way, or by a free that did not
 reach the disk. Cleaning it frees it as the store frees a fragment (dead marker,
 payload punched out). A segment file no row names any more is removed whole. An
-unreferenced extent has no `file_extents` row.
+unreferenced extent has no `file_extents` row. A segment that is mostly freed space
+(small freed fragments have no whole block to punch out) is compacted: its live
+fragments are moved to the disk's active segment, so that it empties.
 
 All are removed only once older than a grace period (default one hour, by the mtime of
 the segment file and the extent's creation time). Orphans and extents of the pool's
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING
 from dynamicfs.disks import health
 from dynamicfs.disks.directory import FragmentRef
 from dynamicfs.engine.pool import ID_BITS
+from dynamicfs.engine.store import FRAGMENT_COLUMNS, FragmentRow
 from dynamicfs.errors import DynamicFSError
 from dynamicfs.maintenance.periodic import Periodic
 from dynamicfs.observability.log import log, warn
@@ -33,6 +36,9 @@ if TYPE_CHECKING:
     from dynamicfs.engine.pool import Pool
 
 DEFAULT_GRACE = 3600.0
+# A segment is compacted when at least this many of the bytes it holds, and at least
+# half of them, belong to no live fragment.
+COMPACT_MIN_DEAD = 8 * 1024 * 1024
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -89,6 +95,7 @@ class CleanupReport:
     skipped_disks: list[str]
     segments_removed: int = 0
     segment_bytes: int = 0  # what the removed segment files held on their filesystems
+    segments_compacted: int = 0  # mostly freed: their live fragments moved out first
 
 
 @dataclass
@@ -168,7 +175,7 @@ def cleanup_orphans(pool: Pool, older_than: float = DEFAULT_GRACE) -> CleanupRep
     """Free orphan fragments, remove empty segments and free unreferenced extents older
     than `older_than` seconds."""
     # Segment ages from before any orphan in them is freed (freeing writes to them).
-    ages = _segment_ages(pool)
+    ages = segment_ages(pool)
     scan = find_orphans(pool)
     deleted = deleted_bytes = kept = 0
     errors: list[str] = []
@@ -188,6 +195,7 @@ def cleanup_orphans(pool: Pool, older_than: float = DEFAULT_GRACE) -> CleanupRep
             continue
         deleted += 1
         deleted_bytes += orphan.size
+    compacted, _ = compact_segments(pool, ages, older_than)
     removed, removed_bytes = _remove_empty_segments(pool, ages, older_than, errors)
     freed = 0
     with pool.meta.write() as conn:
@@ -201,10 +209,59 @@ def cleanup_orphans(pool: Pool, older_than: float = DEFAULT_GRACE) -> CleanupRep
                                               "extents": freed, "segments": removed})
     pool.meta.commit()
     return CleanupReport(older_than, deleted, deleted_bytes, freed, kept, scan.current, errors,
-                         scan.skipped_disks, removed, removed_bytes)
+                         scan.skipped_disks, removed, removed_bytes, compacted)
 
 
-def _segment_ages(pool: Pool) -> dict[tuple[int, int], float]:
+def compact_segments(pool: Pool, ages: dict[tuple[int, int], float], older_than: float,
+                     min_dead: int | None = None) -> tuple[int, int]:
+    """Move the live fragments out of segments that are mostly freed space, so that
+    those segments empty and can be removed: a segment qualifies when at least
+    `min_dead` bytes and half of what it holds on its filesystem are no live fragment's
+    (small freed fragments have no whole block to punch out). Only segments that
+    removal would take by age, on disks that take writes. Returns (segments compacted,
+    bytes of live fragments moved)."""
+    min_dead = COMPACT_MIN_DEAD if min_dead is None else min_dead
+    compacted = moved_bytes = 0
+    for disk in sorted(pool.disks.values(), key=lambda d: d.id):
+        if disk.state != health.HEALTHY:
+            continue
+        backend = pool.backends[disk.id]
+        try:
+            segments = backend.segments()
+        except OSError:
+            continue
+        with pool.meta.read() as conn:
+            live = {r[0]: r[1] for r in conn.execute(
+                "SELECT segment, sum(size) FROM fragments WHERE disk_id = ? "
+                "AND segment IS NOT NULL GROUP BY segment", (disk.id,))}
+        for seg in segments:
+            if seg.segment not in live or seg.segment == backend.active_segment:
+                continue  # empty (removed, not compacted), or still taking appends
+            if not _old_enough(pool, seg.segment, ages.get((disk.id, seg.segment), 0.0),
+                               older_than):
+                continue
+            dead = seg.allocated - live[seg.segment]
+            if dead < min_dead or dead < seg.allocated / 2:
+                continue
+            with pool.meta.read() as conn:
+                rows = [FragmentRow(*r) for r in conn.execute(
+                    f"SELECT {FRAGMENT_COLUMNS} FROM fragments WHERE disk_id = ? "
+                    "AND segment = ? ORDER BY offset", (disk.id, seg.segment))]
+            _, nbytes = pool.store.move_fragments(disk.id, rows)
+            pool.meta.commit()
+            compacted += 1
+            moved_bytes += nbytes
+    return compacted, moved_bytes
+
+
+def _old_enough(pool: Pool, segment: int, age: float, older_than: float) -> bool:
+    if age < older_than:
+        return False
+    # A record written by this open may not be recorded yet.
+    return not (_current_epoch(pool, segment) and age < DEFAULT_GRACE)
+
+
+def segment_ages(pool: Pool) -> dict[tuple[int, int], float]:
     """(disk id, segment) -> seconds since the segment file was last written."""
     now = time.time()
     out = {}
@@ -237,11 +294,11 @@ def _remove_empty_segments(pool: Pool, ages: dict[tuple[int, int], float], older
                 "SELECT DISTINCT segment FROM fragments WHERE disk_id = ? "
                 "AND segment IS NOT NULL", (disk.id,))}
         for seg in segments:
-            age = ages.get((disk.id, seg.segment), 0.0)
-            if seg.segment in live or seg.segment == backend.active_segment or age < older_than:
+            if seg.segment in live or seg.segment == backend.active_segment:
                 continue
-            if _current_epoch(pool, seg.segment) and age < DEFAULT_GRACE:
-                continue  # a record written by this open may not be recorded yet
+            if not _old_enough(pool, seg.segment, ages.get((disk.id, seg.segment), 0.0),
+                               older_than):
+                continue
             with pool.meta.read() as conn:  # named since the listing: it stays
                 if conn.execute("SELECT 1 FROM fragments WHERE disk_id = ? AND segment = ? "
                                 "LIMIT 1", (disk.id, seg.segment)).fetchone():
@@ -267,21 +324,24 @@ def orphan_stats(pool: Pool, grace: float = DEFAULT_GRACE) -> OrphanStats:
                        sum(e.length for e in scan.extents), scan.current, scan.skipped_disks)
 
 
-def remove_empty_segments(pool: Pool, older_than: float = DEFAULT_GRACE) -> tuple[int, int]:
-    """Remove segment files no fragment row names, older than `older_than` seconds (and
-    those of the current open older than DEFAULT_GRACE); returns (how many, bytes) and
-    logs what could not be removed."""
+def tidy_segments(pool: Pool, older_than: float = DEFAULT_GRACE) -> tuple[int, int]:
+    """Compact mostly freed segments, then remove segment files no fragment row names,
+    older than `older_than` seconds (and those of the current open older than
+    DEFAULT_GRACE); returns (segments removed, bytes they held) and logs what could not
+    be removed."""
     errors: list[str] = []
-    removed, removed_bytes = _remove_empty_segments(pool, _segment_ages(pool), older_than,
-                                                    errors)
+    ages = segment_ages(pool)
+    compact_segments(pool, ages, older_than)
+    removed, removed_bytes = _remove_empty_segments(pool, ages, older_than, errors)
     for err in errors:
         warn("segment not removed", detail=err)
     return removed, removed_bytes
 
 
 class SegmentSweeper(Periodic):
-    """In the mount daemon: every INTERVAL seconds, segment files that nothing lives in
-    any more are removed (the space of small freed fragments comes back with them)."""
+    """In the mount daemon: every INTERVAL seconds, mostly freed segments are compacted
+    and segment files that nothing lives in any more are removed (the space of small
+    freed fragments comes back with them)."""
 
     INTERVAL = 600.0
     THREAD_NAME = "dynamicfs-segments"
@@ -297,7 +357,7 @@ class SegmentSweeper(Periodic):
 
     def sweep(self) -> int:
         try:
-            removed, held = remove_empty_segments(self.pool, self.older_than)
+            removed, held = tidy_segments(self.pool, self.older_than)
         except Exception as exc:  # a background task must not die of one bad pass
             warn("segment sweep failed", reason=str(exc))
             return 0
