@@ -4,7 +4,8 @@
 
 Six directory disks on one device. Each figure is printed next to the same work on a
 plain directory of that device, with the ratio and the target:
-- sequential write (`dd bs=1M conv=fsync`) and, after unmount, cache drop and remount,
+- sequential write (`dd bs=1M conv=fsync`, after a throwaway write of the same size:
+  a run's first large write is slow) and, after unmount, cache drop and remount,
   sequential read, with replicate:3 and with ec:4+2;
 - N files of 4 KiB in 100 directories: create, `ls -lR` (cold), read all, delete;
 - extracting a source tarball with thousands of files (the Python standard library),
@@ -112,6 +113,10 @@ class Bench:
     def sequential(self) -> None:
         mb = self.size / MiB
         sh(f"cat {self.source} > /dev/null")
+        # A throwaway write first: the first large write of a run is often 2-4x slower
+        # than the next, and the plain figure must not be that one.
+        sh(f"dd if={self.source} of={self.plain}/warm-up bs=1M conv=fsync status=none")
+        os.unlink(self.plain / "warm-up")
         plain_w = timed(lambda: sh(f"dd if={self.source} of={self.plain}/seq bs=1M "
                                    "conv=fsync status=none"))
         drop_caches()
