@@ -181,10 +181,14 @@ def test_rebuild_after_a_disk_failure_reads_only_k_fragments(make_pool: PoolMake
                                                              parallel: bool) -> None:
     pool, extent_id, data = ec_extent_losing(make_pool, 11, 2)
     before = checksums(pool, extent_id)
+    failed = next(d for d in pool.disks.values() if not d.readable)
+    on_failed = list(pool.backends[failed.id].list_fragments())
     reads = sum(d.reads for d in pool.disks.values())
     assert pool.store.rebuild(extent_id, verify=False, parallel=parallel) == "repaired"
     pool.meta.commit()
     assert sum(d.reads for d in pool.disks.values()) - reads == EC42.k
+    pool.store.wait_for_unlinks()
+    assert list(pool.backends[failed.id].list_fragments()) == on_failed  # never written
     # The re-created fragment is byte for byte the lost one (checked against its checksum).
     assert checksums(pool, extent_id) == before
     assert_whole(pool, extent_id, EC42, data)

@@ -116,10 +116,12 @@ def read_fresh(pool: Pool, extent_id: int) -> bytes:
 
 
 def files_on_disks(pool: Pool) -> list[int]:
-    """Fragment ids of every fragment file on every disk (duplicates kept), once the
-    files freed by past commits are unlinked (that happens on a background thread)."""
+    """Fragment ids of every live fragment on every readable disk (duplicates kept), once
+    the fragments freed by past commits are freed (that happens on a background thread).
+    A failed disk is never written to: what it held stays there, for the garbage
+    collector should it come back."""
     pool.store.wait_for_unlinks()
-    return [ref.id for d in pool.disks.values()
+    return [ref.id for d in pool.disks.values() if d.readable
             for ref, _ in DirectoryDisk(d.path).list_fragments()]
 
 

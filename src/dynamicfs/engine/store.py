@@ -641,11 +641,15 @@ class ExtentStore:
         def unlink() -> None:
             for disk_id, ref in rows:
                 backend = self.pool.backends.get(disk_id)
-                if backend is not None:
-                    try:
-                        backend.delete_fragment(ref)
-                    except OSError:
-                        pass  # a gone or failed disk: its fragments are garbage already
+                disk = self.pool.disks.get(disk_id)
+                if backend is None or disk is None or not disk.readable:
+                    # A failed disk is not written to: if it comes back, what is left
+                    # there is orphaned, and the garbage collector frees it.
+                    continue
+                try:
+                    backend.delete_fragment(ref)
+                except OSError:
+                    pass  # an unreachable disk: left for the garbage collector
 
         def unlink_later() -> None:
             try:
@@ -719,6 +723,9 @@ class ExtentStore:
         # A verified fragment that only has to move (evacuate) is copied as it is; the
         # rest is re-created from k good fragments.
         have = {i: good[i] for i in range(info.policy.width) if i not in keep and i in good}
+        # Checksums known without hashing again: a fragment read was checked against its
+        # row's; a re-created one is hashed once, by _recreate.
+        sums = {r.index: r.checksum for r in info.fragments if r.index in have}
         if len(keep) + len(have) < info.policy.width:
             self._top_up_good(info, keep, drop, good, parallel)
         need = [i for i in range(info.policy.width) if i not in keep and i not in have]
@@ -726,8 +733,8 @@ class ExtentStore:
             if len(good) < info.policy.k:
                 raise UnreadableError(f"extent {extent_id}: {len(good)} of {info.policy.k} "
                                       "needed good fragments left")
-            have.update(self._recreate(info, good, need))
-        return self._place_rebuilt(info, keep, drop, have)
+            have.update(self._recreate(info, good, need, sums))
+        return self._place_rebuilt(info, keep, drop, have, sums)
 
     def _read_rows(self, info: ExtentInfo, rows: list[FragmentRow], parallel: bool = True
                    ) -> list[tuple[FragmentRow, tuple[Payload | None, str]]]:
@@ -765,16 +772,17 @@ class ExtentStore:
             del keep[row.index]
             drop.append(row)
 
-    def _recreate(self, info: ExtentInfo, good: dict[int, Payload],
-                  need: list[int]) -> dict[int, Payload]:
+    def _recreate(self, info: ExtentInfo, good: dict[int, Payload], need: list[int],
+                  sums: dict[int, bytes]) -> dict[int, Payload]:
         """The payloads at `need`, re-created from good fragments and checked: against the
         lost fragment's recorded checksum when there is one, else by decoding the extent
-        and checking its checksum."""
+        and checking its checksum. Their checksums go into `sums`."""
         made = codecs.reconstruct(info.policy, good, need)
         if info.policy.kind == "replicate":
             return made  # a copy of a fragment whose checksum (the extent's) was checked
         recorded = {r.index: r.checksum for r in info.fragments}
-        if all(recorded.get(i) == fragfmt.checksum(p) for i, p in made.items()):
+        sums.update((i, fragfmt.checksum(p)) for i, p in made.items())
+        if all(recorded.get(i) == sums[i] for i in made):
             return made
         data = codecs.decode(info.policy, good, info.length)
         if blake3.blake3(data).digest() != info.checksum:
@@ -782,7 +790,8 @@ class ExtentStore:
         return made
 
     def _place_rebuilt(self, info: ExtentInfo, keep: dict[int, FragmentRow],
-                       drop: list[FragmentRow], payloads: dict[int, Payload]) -> str:
+                       drop: list[FragmentRow], payloads: dict[int, Payload],
+                       sums: dict[int, bytes]) -> str:
         candidates = self._candidates()
         used = {r.disk_id for r in keep.values()}
         # A dropped row on a readable disk stays unless its index gets a new home; until
@@ -799,7 +808,7 @@ class ExtentStore:
             chosen = choose_disks(candidates, 1, size, exclude=blocked)
             if not chosen:
                 continue
-            fsum = info.checksum if info.policy.kind == "replicate" else fragfmt.checksum(payload)
+            fsum = info.checksum if info.policy.kind == "replicate" else sums[index]
             row = FragmentRow(self.pool.new_fragment_id(), info.id, index, chosen[0], size, fsum)
             used.add(chosen[0])
             self._charge(candidates, chosen[0], size)
