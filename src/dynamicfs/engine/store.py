@@ -92,11 +92,11 @@ class WrittenExtent:
     info: ExtentInfo
 
 
-def check_fragment(info: ExtentInfo, row: FragmentRow, raw: bytes) -> memoryview:
+def check_fragment(row: FragmentRow, raw: bytes) -> memoryview:
     """The payload of a fragment's bytes, if intact and the fragment the metadata names;
     raises FragmentError saying what is wrong otherwise."""
     head, payload = fragfmt.parse(raw)
-    if (head.extent_id, head.fragment_id, head.index) != (info.id, row.id, row.index):
+    if (head.extent_id, head.fragment_id, head.index) != (row.extent_id, row.id, row.index):
         raise fragfmt.FragmentError("header names another fragment")
     if head.checksum != row.checksum:
         raise fragfmt.FragmentError("checksum differs from the metadata")
@@ -528,7 +528,7 @@ class ExtentStore:
             raise UnreadableError(f"extent {info.id}: decoded bytes fail the extent checksum")
         return data
 
-    def read_fragment(self, info: ExtentInfo, row: FragmentRow) -> tuple[Payload | None, str]:
+    def read_fragment(self, row: FragmentRow) -> tuple[Payload | None, str]:
         """One fragment's payload if it passes every check, else (None, why)."""
         backend = self.pool.backends.get(row.disk_id)
         if backend is None:
@@ -549,7 +549,7 @@ class ExtentStore:
             disk.reads += 1
             disk.bytes_read += len(raw)
         try:
-            payload = check_fragment(info, row, raw)
+            payload = check_fragment(row, raw)
         except fragfmt.FragmentError as exc:
             self.note_disk_error(row.disk_id, "checksum", str(exc), row.id)
             return None, f"fragment {row.index} on disk {row.disk_id}: {exc}"
@@ -701,7 +701,7 @@ class ExtentStore:
         readable = [r for r in info.fragments
                     if r.disk_id in disks and disks[r.disk_id].readable]
         read = {r.id: payload for r, (payload, _) in self._read_rows(
-            info, [r for r in readable if verify or r.disk_id in evacuate], parallel)}
+            [r for r in readable if verify or r.disk_id in evacuate], parallel)}
         good: dict[int, Payload] = {}
         keep: dict[int, FragmentRow] = {}
         drop: list[FragmentRow] = []
@@ -736,13 +736,13 @@ class ExtentStore:
             have.update(self._recreate(info, good, need, sums))
         return self._place_rebuilt(info, keep, drop, have, sums)
 
-    def _read_rows(self, info: ExtentInfo, rows: list[FragmentRow], parallel: bool = True
+    def _read_rows(self, rows: list[FragmentRow], parallel: bool = True
                    ) -> list[tuple[FragmentRow, tuple[Payload | None, str]]]:
         """Each row with read_fragment()'s answer, in order: read in parallel or, for
         callers that overlap many extents on their own threads, one after another here."""
         if len(rows) <= 1 or not parallel:
-            return [(r, self.read_fragment(info, r)) for r in rows]
-        futures = [(r, self.executor.submit(self.read_fragment, info, r)) for r in rows]
+            return [(r, self.read_fragment(r)) for r in rows]
+        futures = [(r, self.executor.submit(self.read_fragment, r)) for r in rows]
         return [(r, f.result()) for r, f in futures]
 
     def _read_until_k(self, info: ExtentInfo, order: list[FragmentRow],
@@ -755,7 +755,7 @@ class ExtentStore:
         while len(good) < info.policy.k and pos < len(order):
             batch = order[pos: pos + info.policy.k - len(good)]
             pos += len(batch)
-            for row, (payload, problem) in self._read_rows(info, batch, parallel):
+            for row, (payload, problem) in self._read_rows(batch, parallel):
                 if payload is not None:
                     good.setdefault(row.index, payload)
                 else:
@@ -860,11 +860,8 @@ class ExtentStore:
         for row in rows:
             try:
                 raw = backend.read_fragment(row.ref)
-                head, _ = fragfmt.parse(raw)
+                check_fragment(row, raw)
             except (OSError, fragfmt.FragmentError):
-                continue
-            if (head.extent_id, head.fragment_id, head.index, head.checksum, len(raw)) != (
-                    row.extent_id, row.id, row.index, row.checksum, row.size):
                 continue
             view = memoryview(raw)
             segment, offset = backend.write_fragment(

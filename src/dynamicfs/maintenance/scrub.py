@@ -223,7 +223,7 @@ def check_extent(pool: Pool, info: ExtentInfo, bad_disks: dict[int, str]) -> Ext
         if row.disk_id in bad_disks:
             problems.append(f"{where}: {bad_disks[row.disk_id]}")
             continue
-        payload, size, problem = _read_fragment(pool, info, row)
+        payload, size, problem = _read_fragment(pool, row)
         fragment_bytes += size
         if payload is not None and policy.kind == "replicate" and (
                 row.checksum != info.checksum or len(payload) != info.length):
@@ -253,8 +253,7 @@ def check_extent(pool: Pool, info: ExtentInfo, bad_disks: dict[int, str]) -> Ext
     return ExtentCheck(info.id, info.length, fragment_bytes, state, problems, ids)
 
 
-def _read_fragment(pool: Pool, info: ExtentInfo, row: FragmentRow
-                   ) -> tuple[bytes | None, int, str]:
+def _read_fragment(pool: Pool, row: FragmentRow) -> tuple[bytes | None, int, str]:
     """(payload, bytes read, '') when the fragment passes every check, else (None, n, why)."""
     disk = pool.disks[row.disk_id]
     try:
@@ -268,7 +267,7 @@ def _read_fragment(pool: Pool, info: ExtentInfo, row: FragmentRow
     disk.reads += 1
     disk.bytes_read += len(raw)
     try:
-        payload = check_fragment(info, row, raw)
+        payload = check_fragment(row, raw)
     except fragfmt.FragmentError as exc:
         pool.store.note_disk_error(row.disk_id, "checksum", f"fragment {row.id:x}: {exc}",
                                     row.id)
