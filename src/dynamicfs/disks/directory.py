@@ -242,24 +242,11 @@ class DirectoryDisk:
                 return f.read()
         fd = os.open(self.segment_path(ref.segment), os.O_RDONLY)
         try:
-            raw = os.pread(fd, ref.size, ref.offset)
-            if len(raw) < ref.size:  # a short read of a regular file: EOF, or read on
-                rest = [raw]
-                got = len(raw)
-                while got < ref.size:
-                    more = os.pread(fd, ref.size - got, ref.offset + got)
-                    if not more:
-                        break
-                    rest.append(more)
-                    got += len(more)
-                raw = b"".join(rest)
+            raw = os.pread(fd, ref.size, ref.offset)  # short only where the segment ends
         finally:
             os.close(fd)
-        if (len(raw) < fragfmt.HEADER_SIZE or raw[:8] == fragfmt.FREED_MAGIC
-                or not any(raw[: fragfmt.HEADER_SIZE])):
-            # Nothing there: the segment ends before it, the record was freed, or its
-            # bytes never reached the disk (a crash can leave a file longer than what
-            # was written to it).
+        if len(raw) < fragfmt.HEADER_SIZE or _absent(raw[: fragfmt.HEADER_SIZE]):
+            # Nothing there: the segment ends before it, or see _absent.
             raise FileNotFoundError(errno.ENOENT, f"fragment {ref.id:x} is not in segment "
                                                   f"{ref.segment:016x}")
         return raw
@@ -328,7 +315,7 @@ class DirectoryDisk:
                                     f"the fragment at {ref.offset + ref.size})")
                         continue
                     raw = os.pread(fd, fragfmt.HEADER_SIZE, ref.offset)
-                    if raw[:8] == fragfmt.FREED_MAGIC or not any(raw):
+                    if _absent(raw):
                         yield ref, "missing (freed, or never written)"
                         continue
                     try:
@@ -455,6 +442,13 @@ class DirectoryDisk:
         if back != data:
             return ProbeResult("suspect", "read/write probe returned different bytes")
         return ProbeResult(None, "ok")
+
+
+def _absent(header: bytes) -> bool:
+    """Whether a record's header says no fragment is there: freed, or all zeros (bytes
+    that never reached the disk: a crash can leave a file longer than what was written
+    to it)."""
+    return header[:8] == fragfmt.FREED_MAGIC or not any(header)
 
 
 def _pwrite_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
