@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dynamicfs.disks import health
-from dynamicfs.disks.directory import FragmentRef
+from dynamicfs.disks.directory import DirectoryDisk, FragmentRef, SegmentInfo
 from dynamicfs.engine.pool import ID_BITS
 from dynamicfs.engine.store import FRAGMENT_COLUMNS, FragmentRow
 from dynamicfs.errors import DynamicFSError
@@ -222,36 +223,50 @@ def compact_segments(pool: Pool, ages: dict[tuple[int, int], float], older_than:
     bytes of live fragments moved)."""
     min_dead = COMPACT_MIN_DEAD if min_dead is None else min_dead
     compacted = moved_bytes = 0
+    for disk_id, _, seg, live in _settled_segments(pool, ages, older_than,
+                                                   writable_only=True, errors=None):
+        if live is None:
+            continue  # empty: removed, not compacted
+        dead = seg.allocated - live
+        if dead < min_dead or dead < seg.allocated / 2:
+            continue
+        with pool.meta.read() as conn:
+            rows = [FragmentRow(*r) for r in conn.execute(
+                f"SELECT {FRAGMENT_COLUMNS} FROM fragments WHERE disk_id = ? "
+                "AND segment = ? ORDER BY offset", (disk_id, seg.segment))]
+        _, nbytes = pool.store.move_fragments(disk_id, rows)
+        pool.meta.commit()
+        compacted += 1
+        moved_bytes += nbytes
+    return compacted, moved_bytes
+
+
+def _settled_segments(pool: Pool, ages: dict[tuple[int, int], float], older_than: float, *,
+                      writable_only: bool, errors: list[str] | None
+                      ) -> Iterator[tuple[int, DirectoryDisk, SegmentInfo, int | None]]:
+    """Segments old enough for the garbage collector (`_old_enough`) and not taking
+    appends, on disks that are not failed (with writable_only, on healthy disks only):
+    (disk id, its backend, the segment, bytes of live fragments in it or None when no
+    row names it). A disk that cannot be listed is skipped, said in `errors`."""
     for disk in sorted(pool.disks.values(), key=lambda d: d.id):
-        if disk.state != health.HEALTHY:
+        if disk.state == health.FAILED or (writable_only and disk.state != health.HEALTHY):
             continue
         backend = pool.backends[disk.id]
         try:
             segments = backend.segments()
-        except OSError:
+        except OSError as exc:
+            if errors is not None:
+                errors.append(f"disk {disk.id} ({disk.path}): {exc.strerror}")
             continue
         with pool.meta.read() as conn:
             live = {r[0]: r[1] for r in conn.execute(
                 "SELECT segment, sum(size) FROM fragments WHERE disk_id = ? "
                 "AND segment IS NOT NULL GROUP BY segment", (disk.id,))}
         for seg in segments:
-            if seg.segment not in live or seg.segment == backend.active_segment:
-                continue  # empty (removed, not compacted), or still taking appends
-            if not _old_enough(pool, seg.segment, ages.get((disk.id, seg.segment), 0.0),
-                               older_than):
+            if seg.segment == backend.active_segment or not _old_enough(
+                    pool, seg.segment, ages.get((disk.id, seg.segment), 0.0), older_than):
                 continue
-            dead = seg.allocated - live[seg.segment]
-            if dead < min_dead or dead < seg.allocated / 2:
-                continue
-            with pool.meta.read() as conn:
-                rows = [FragmentRow(*r) for r in conn.execute(
-                    f"SELECT {FRAGMENT_COLUMNS} FROM fragments WHERE disk_id = ? "
-                    "AND segment = ? ORDER BY offset", (disk.id, seg.segment))]
-            _, nbytes = pool.store.move_fragments(disk.id, rows)
-            pool.meta.commit()
-            compacted += 1
-            moved_bytes += nbytes
-    return compacted, moved_bytes
+            yield disk.id, backend, seg, live.get(seg.segment)
 
 
 def _old_enough(pool: Pool, segment: int, age: float, older_than: float) -> bool:
@@ -280,35 +295,20 @@ def _remove_empty_segments(pool: Pool, ages: dict[tuple[int, int], float], older
                            errors: list[str]) -> tuple[int, int]:
     """Remove segment files no fragment row names; returns (how many, bytes they held)."""
     removed = removed_bytes = 0
-    for disk in sorted(pool.disks.values(), key=lambda d: d.id):
-        if disk.state == health.FAILED:
+    for disk_id, backend, seg, live in _settled_segments(pool, ages, older_than,
+                                                         writable_only=False, errors=errors):
+        if live is not None:
             continue
-        backend = pool.backends[disk.id]
+        with pool.meta.read() as conn:  # named since the listing: it stays
+            if conn.execute("SELECT 1 FROM fragments WHERE disk_id = ? AND segment = ? "
+                            "LIMIT 1", (disk_id, seg.segment)).fetchone():
+                continue
         try:
-            segments = backend.segments()
+            if backend.remove_segment(seg.segment):
+                removed += 1
+                removed_bytes += seg.allocated
         except OSError as exc:
-            errors.append(f"disk {disk.id} ({disk.path}): {exc.strerror}")
-            continue
-        with pool.meta.read() as conn:
-            live = {r[0] for r in conn.execute(
-                "SELECT DISTINCT segment FROM fragments WHERE disk_id = ? "
-                "AND segment IS NOT NULL", (disk.id,))}
-        for seg in segments:
-            if seg.segment in live or seg.segment == backend.active_segment:
-                continue
-            if not _old_enough(pool, seg.segment, ages.get((disk.id, seg.segment), 0.0),
-                               older_than):
-                continue
-            with pool.meta.read() as conn:  # named since the listing: it stays
-                if conn.execute("SELECT 1 FROM fragments WHERE disk_id = ? AND segment = ? "
-                                "LIMIT 1", (disk.id, seg.segment)).fetchone():
-                    continue
-            try:
-                if backend.remove_segment(seg.segment):
-                    removed += 1
-                    removed_bytes += seg.allocated
-            except OSError as exc:
-                errors.append(f"{backend.segment_path(seg.segment)}: {exc.strerror}")
+            errors.append(f"{backend.segment_path(seg.segment)}: {exc.strerror}")
     return removed, removed_bytes
 
 
