@@ -33,6 +33,19 @@ def disk(tmp_path: Path) -> DirectoryDisk:
     return disk
 
 
+def _unlink_all(pool: Pool, names: list[str]) -> None:
+    """Unlink files of the root directory through the namespace, and wait until their
+    fragments are freed on the disks."""
+    ns = Namespace(pool)
+    try:
+        for name in names:
+            ns.unlink(1, name.encode())
+        ns.sync_all()
+    finally:
+        ns.close()
+    pool.store.wait_for_unlinks()
+
+
 def put(disk: DirectoryDisk, fid: int, payload: bytes) -> FragmentRef:
     header = fragfmt.make_header(7, fid, 0, payload)
     segment, offset = disk.write_fragment(fid, header, payload)
@@ -132,13 +145,7 @@ def test_fragments_of_a_format_1_pool_are_read_checked_and_freed_next_to_segment
     write_files(pool_dir, {"new": data})  # new fragments go to segments
     assert read_file(pool_dir, "new") == data == read_file(pool_dir, "old")
     with Pool.open(pool_dir) as pool:
-        ns = Namespace(pool)
-        try:
-            ns.unlink(1, b"old")
-            ns.sync_all()
-        finally:
-            ns.close()
-        pool.store.wait_for_unlinks()
+        _unlink_all(pool, ["old"])
         assert all(not d.legacy_path(fid).exists()
                    for d in pool.backends.values() for fid, *_ in rows)
 
@@ -150,14 +157,7 @@ def test_segments_nothing_lives_in_are_removed_by_the_sweeper_and_the_rest_stay(
     write_files(pool_dir, {"kept": b"k" * 5000})  # an open, and segments, of its own
     segments = sorted(tmp_path.glob("disk*/segments/*.seg"))
     with Pool.open(pool_dir) as pool:
-        ns = Namespace(pool)
-        try:
-            for i in range(20):
-                ns.unlink(1, f"small{i}".encode())
-            ns.sync_all()
-        finally:
-            ns.close()
-        pool.store.wait_for_unlinks()
+        _unlink_all(pool, [f"small{i}" for i in range(20)])
         # Records of 3 KB have no whole block to punch: their space comes back only
         # with their segment. A sweep with the default grace leaves young segments alone.
         assert SegmentSweeper(pool).sweep() == 0
@@ -176,17 +176,6 @@ def test_records_appended_to_a_vanished_disk_are_never_synced(disk: DirectoryDis
     late = put(disk, 2, b"y" * 100)
     with pytest.raises(FileNotFoundError):
         disk.sync([late])
-
-
-def _unlink_all(pool: Pool, names: list[str]) -> None:
-    ns = Namespace(pool)
-    try:
-        for name in names:
-            ns.unlink(1, name.encode())
-        ns.sync_all()
-    finally:
-        ns.close()
-    pool.store.wait_for_unlinks()
 
 
 def test_mostly_freed_segments_are_compacted_then_removed_and_nothing_is_lost(
