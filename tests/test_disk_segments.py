@@ -67,6 +67,47 @@ def test_records_are_appended_back_to_back_and_roll_over_to_a_new_segment(
     disk.sync(refs)
 
 
+def test_a_batch_of_records_lands_as_one_by_one_appends_would(disk: DirectoryDisk) -> None:
+    payloads = {fid: os.urandom(20 * KiB) for fid in range(1, 8)}
+    records = [(fid, fragfmt.make_header(7, fid, 0, p), p) for fid, p in payloads.items()]
+    where: list[tuple[int, int]] = []
+    disk.write_fragments(records, where)
+    size = fragfmt.HEADER_SIZE + 20 * KiB
+    # The same places as seven write_fragment() calls: rollover within the batch.
+    assert where == [(1, 0), (1, size), (1, 2 * size), (4, 0), (4, size), (4, 2 * size),
+                     (7, 0)]
+    refs = [FragmentRef(fid, seg, off, size) for fid, (seg, off) in zip(payloads, where,
+                                                                         strict=True)]
+    assert [r for r, _ in disk.list_fragments()] == refs
+    for ref in refs:
+        assert fragfmt.parse(disk.read_fragment(ref))[1] == payloads[ref.id]
+    # Many small records: more than one pwritev holds (IOV_MAX buffers), none is lost.
+    many = [(fid, fragfmt.make_header(7, fid, 0, b"x" * 10), b"x" * 10)
+            for fid in range(100, 1700)]
+    big = DirectoryDisk(disk.root)
+    placed: list[tuple[int, int]] = []
+    big.write_fragments(many, placed)
+    assert len({seg for seg, _ in placed}) == 1 and len(placed) == len(many)
+    assert [o for _, o in placed] == [i * (fragfmt.HEADER_SIZE + 10) for i in range(1600)]
+    assert sum(1 for _ in big.records(placed[0][0])) == 1600
+
+
+def test_a_batch_that_fails_part_way_names_only_what_was_written(disk: DirectoryDisk) -> None:
+    first = put(disk, 1, b"a" * 1000)
+    records = [(fid, fragfmt.make_header(7, fid, 0, b"b" * (30 * KiB)), b"b" * (30 * KiB))
+               for fid in (2, 3, 4)]
+    # Two records still fit in segment 1; the third needs segment 4, which cannot be made.
+    disk.segment_path(4).write_bytes(b"")
+    where: list[tuple[int, int]] = []
+    with pytest.raises(FileExistsError):
+        disk.write_fragments(records, where)
+    size = fragfmt.HEADER_SIZE + 30 * KiB
+    assert where == [(1, first.size), (1, first.size + size)]
+    for fid, (segment, offset) in zip((2, 3), where, strict=True):
+        ref = FragmentRef(fid, segment, offset, size)
+        assert fragfmt.parse(disk.read_fragment(ref))[0].fragment_id == fid
+
+
 def test_a_freed_fragment_gives_its_blocks_back_and_is_no_longer_listed(
         disk: DirectoryDisk) -> None:
     big = DirectoryDisk(disk.root)  # 256 MiB segments

@@ -25,7 +25,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -44,6 +44,8 @@ CHECK_EVERY = 0.1
 SYNCFS_THRESHOLD = 8
 _PROBE_NAME = ".dynamicfs-probe"
 _BLOCK = 4096
+# Buffers per pwritev (the kernel's IOV_MAX is 1024): 512 records.
+IOV_MAX = 1024
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -144,23 +146,53 @@ class DirectoryDisk:
         Returns (segment, offset). A segment started by this write is named after the
         fragment, or by `name_segment()` (a fresh id: a fragment moved to another
         segment may have named the one it comes from)."""
-        size = len(header) + len(payload)
+        where: list[tuple[int, int]] = []
+        self.write_fragments([(fragment_id, header, payload)], where, name_segment=name_segment)
+        return where[0]
+
+    def write_fragments(self, records: Sequence[tuple[int, bytes, bytes | memoryview]],
+                        where: list[tuple[int, int]], *,
+                        name_segment: Callable[[], int] | None = None) -> None:
+        """Append records (fragment id, header, payload) in order, as write_fragment()
+        would one by one, but with one pwritev for as many as fit in the active segment
+        (many small fragments: one system call instead of one each). Each record's
+        (segment, offset) goes to `where` once it is written: when a write fails, `where`
+        names those written before it. The records of the failed pwritev are in a
+        segment that ends there; any of them that reached the disk whole is an orphan
+        for the garbage collector."""
         with self._append:
-            if self._active is not None and (
-                    (self._end and self._end + size > self.segment_max)
-                    or not self._still_there()):
-                self._seal()
-            if self._active is None:
-                self._start_segment(fragment_id if name_segment is None else name_segment())
-            segment, offset = self._active, self._end
-            assert segment is not None
-            try:
-                _pwrite_all(self._active_fd, [header, payload], offset)
-            except BaseException:
-                self._seal()  # a torn record ends its segment: the next write starts another
-                raise
-            self._end += size
-        return segment, offset
+            i = 0
+            while i < len(records):
+                size = len(records[i][1]) + len(records[i][2])
+                if self._active is not None and (
+                        (self._end and self._end + size > self.segment_max)
+                        or not self._still_there()):
+                    self._seal()
+                if self._active is None:
+                    self._start_segment(records[i][0] if name_segment is None
+                                        else name_segment())
+                segment, start = self._active, self._end
+                assert segment is not None
+                buffers: list[bytes | memoryview] = []
+                offsets: list[tuple[int, int]] = []
+                end, j = start, i
+                while j < len(records) and len(buffers) < IOV_MAX:
+                    _, header, payload = records[j]
+                    size = len(header) + len(payload)
+                    if j > i and end + size > self.segment_max:
+                        break
+                    buffers += (header, payload)
+                    offsets.append((segment, end))
+                    end += size
+                    j += 1
+                try:
+                    _pwrite_all(self._active_fd, buffers, start)
+                except BaseException:
+                    self._seal()  # a torn record ends its segment: the next write starts another
+                    raise
+                self._end = end
+                where += offsets
+                i = j
 
     def _start_segment(self, name: int) -> None:
         # Named after the first fragment written to it: fragment ids are never reused, so

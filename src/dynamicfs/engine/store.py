@@ -56,6 +56,8 @@ SUSPECT_AFTER = 10
 SUSPECT_WINDOW = 600.0
 # Bytes of fragments queued for one disk before they go to a writer thread.
 WRITE_BATCH = 256 * 1024
+# Fragment writes of at most this many bytes in all are done by the calling thread.
+INLINE_WRITE = 256 * 1024
 # The fragments columns a FragmentRow is built from, in its field order.
 FRAGMENT_COLUMNS = "id, extent_id, idx, disk_id, size, checksum, segment, offset"
 
@@ -240,10 +242,13 @@ class ExtentStore:
                         futures.append((row.disk_id, self.executor.submit(
                             self._write_fragments, row.disk_id, queued.pop(row.disk_id))))
                         queued_bytes[row.disk_id] = 0
-            for disk_id, work in queued.items():
-                futures.append((disk_id, self.executor.submit(self._write_fragments, disk_id,
-                                                              work)))
-            failed = self._collect(futures)
+            if futures:
+                for disk_id, work in queued.items():
+                    futures.append((disk_id, self.executor.submit(self._write_fragments,
+                                                                  disk_id, work)))
+                failed = self._collect(futures)
+            else:
+                failed = self._write_per_disk(queued)
             if failed:
                 self._replace_failed(plans, failed, candidates)
         except BaseException:
@@ -279,16 +284,23 @@ class ExtentStore:
         self.pool.disks[disk_id].used += size
 
     def _write_fragments(self, disk_id: int, work: list[tuple[FragmentRow, Payload]]) -> None:
-        backend = self.pool.backends[disk_id]
-        info = self.pool.disks[disk_id]
+        records = []
         for row, payload in work:
             if not row.checksum:
                 row.checksum = fragfmt.checksum(payload)
             header = fragfmt.FragmentHeader(row.extent_id, row.id, row.index,
                                             len(payload), row.checksum).pack()
-            row.segment, row.offset = backend.write_fragment(row.id, header, payload)
-            info.writes += 1
-            info.bytes_written += row.size
+            records.append((row.id, header, payload))
+        where: list[tuple[int, int]] = []
+        try:
+            self.pool.backends[disk_id].write_fragments(records, where)
+        finally:
+            # On failure, those written have a location (to be freed), the rest none.
+            info = self.pool.disks[disk_id]
+            for (row, _), (segment, offset) in zip(work, where, strict=False):
+                row.segment, row.offset = segment, offset
+                info.writes += 1
+                info.bytes_written += row.size
         with self._unsynced_lock:
             self._unsynced[disk_id].extend(row.ref for row, _ in work)
 
@@ -312,13 +324,17 @@ class ExtentStore:
     def _write_per_disk(self, per_disk: dict[int, list[tuple[FragmentRow, Payload]]]
                         ) -> dict[int, OSError]:
         """One task per disk; returns the disks whose writes failed."""
-        if len(per_disk) == 1:  # nothing to overlap: write here, without a thread hop
-            ((disk_id, work),) = per_disk.items()
-            try:
-                self._write_fragments(disk_id, work)
-            except OSError as exc:
-                return self._failures([(disk_id, exc)])
-            return {}
+        total = sum(row.size for work in per_disk.values() for row, _ in work)
+        if len(per_disk) == 1 or total <= INLINE_WRITE:
+            # Nothing worth overlapping: written here, without thread hand-offs (for a
+            # few small files they cost more than the writes).
+            outcomes: list[tuple[int, BaseException | None]] = []
+            for disk_id, work in per_disk.items():
+                try:
+                    self._write_fragments(disk_id, work)
+                except OSError as exc:
+                    outcomes.append((disk_id, exc))
+            return self._failures(outcomes)
         return self._collect([(d, self.executor.submit(self._write_fragments, d, w))
                               for d, w in per_disk.items()])
 

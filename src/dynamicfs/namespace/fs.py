@@ -61,6 +61,7 @@ READ_AHEAD = 8  # chunks read ahead of a sequential reader
 RECORD_SLICE = 32  # flushed chunks recorded per hold of the lock
 DIRTY_LIMIT = 96 * 1024 * 1024
 FLUSH_BATCH_BYTES = 16 * 1024 * 1024
+ROOMY_FOR, ROOMY_SECONDS = 256, 0.1  # see _check_space
 FLUSH_BATCH_ITEMS = 256
 # A batch of less than FLUSH_LINGER_BELOW bytes waits up to FLUSH_LINGER seconds for more
 # (many small files closed one after another: one batch, one hold of the lock, instead of
@@ -129,10 +130,13 @@ class Namespace:
         self._inflight_bytes = 0
         self._queue: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue()
         self._closing = threading.Event()
+        self._hurry = threading.Event()  # someone waits for the flusher: do not linger
         self.commit_interval = commit_interval
         self._zero = bytes(self.extent_size)
         self._inodes: dict[int, list[Any]] = {}
         self._stored: dict[int, int] = {}
+        self._policies: dict[int, str | None] = {}
+        self._roomy_until = 0.0
         self._dirty_inodes: set[int] = set()
         self.meta.before_commit.insert(0, self._flush_inodes)
         self.meta.after_rollback.append(self._drop_cache)
@@ -183,15 +187,33 @@ class Namespace:
         row = conn.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
         if row is None:
             raise FsError(errno.ENOENT)
+        self._cache(row)
+        return tuple(row)
+
+    def _cache(self, row: Row) -> None:
         if len(self._inodes) > INODE_CACHE_SIZE:
             self._evict()
-        self._inodes[ino] = list(row)
-        return tuple(row)
+        self._inodes[row[0]] = list(row)
+
+    def _policy_of(self, conn: Connection, ino: int) -> str | None:
+        """The inode's own policy (None: inherit the pool default); cached like its row."""
+        try:
+            return self._policies[ino]
+        except KeyError:
+            pass
+        row = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is None:
+            raise FsError(errno.ENOENT)
+        if len(self._policies) > INODE_CACHE_SIZE:
+            self._policies.clear()
+        policy = self._policies[ino] = row[0]
+        return policy
 
     def _evict(self) -> None:
         for ino in [i for i in self._inodes if i not in self._dirty_inodes]:
             del self._inodes[ino]
             self._stored.pop(ino, None)
+            self._policies.pop(ino, None)
 
     def _set(self, ino: int, **fields: int) -> None:
         """Change hot fields of an inode in the cache only."""
@@ -220,6 +242,7 @@ class Namespace:
         with self.lock:
             self._inodes.clear()
             self._stored.clear()
+            self._policies.clear()
             self._dirty_inodes.clear()
 
     @contextmanager
@@ -233,6 +256,7 @@ class Namespace:
             finally:
                 self._inodes.clear()
                 self._stored.clear()
+                self._policies.clear()
 
     def _attr(self, conn: Connection, row: Row) -> Attr:
         ino, mode, nlink, uid, gid, rdev, size, atime, mtime, ctime = row
@@ -320,30 +344,40 @@ class Namespace:
     def _new_inode(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                    rdev: int = 0, target: bytes | None = None) -> Attr:
         self._check_name(name)
-        with self._change() as conn:
-            prow = self._dir_row(conn, parent)
-            if self._entry(conn, parent, name) is not None:
-                raise FsError(errno.EEXIST)
-            if prow[1] & stat.S_ISGID:  # BSD group semantics for setgid directories
-                gid = prow[4]
-                if stat.S_ISDIR(mode):
-                    mode |= stat.S_ISGID
-            now = time.time_ns()
-            policy = conn.execute("SELECT policy FROM inodes WHERE ino = ?",
-                                  (parent,)).fetchone()[0]
-            is_dir = stat.S_ISDIR(mode)
-            cur = conn.execute(
-                "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, "
-                "ctime_ns, policy, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mode, uid, gid, 2 if is_dir else 1, len(target) if target else 0, rdev,
-                 now, now, now, policy, target))
-            ino = cur.lastrowid
-            conn.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
-                         (parent, name, ino))
-            conn.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ?, nlink = nlink + ? "
-                         "WHERE ino = ?", (now, now, 1 if is_dir else 0, parent))
-            assert ino is not None
-            return self._attr(conn, self._row(conn, ino))
+        # Not a _change(): only the parent's cached row changes, so the inode cache stays
+        # (creating many files would otherwise read every inode back after each one).
+        with self.lock:
+            with self.meta.write() as conn:
+                prow = self._dir_row(conn, parent)
+                if self._entry(conn, parent, name) is not None:
+                    raise FsError(errno.EEXIST)
+                if prow[1] & stat.S_ISGID:  # BSD group semantics for setgid directories
+                    gid = prow[4]
+                    if stat.S_ISDIR(mode):
+                        mode |= stat.S_ISGID
+                now = time.time_ns()
+                policy = self._policy_of(conn, parent)
+                is_dir = stat.S_ISDIR(mode)
+                nlink, size = (2 if is_dir else 1), (len(target) if target else 0)
+                cur = conn.execute(
+                    "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, "
+                    "mtime_ns, ctime_ns, policy, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (mode, uid, gid, nlink, size, rdev, now, now, now, policy, target))
+                ino = cur.lastrowid
+                assert ino is not None
+                conn.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
+                             (parent, name, ino))
+                if is_dir:
+                    conn.execute("UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?", (parent,))
+            if is_dir:
+                self._inodes[parent][NLINK] += 1
+            self._set(parent, mtime_ns=now, ctime_ns=now)
+            row = (ino, mode, nlink, uid, gid, rdev, size, now, now, now)
+            self._cache(row)
+            self._policies[ino] = policy
+            if stat.S_ISREG(mode):
+                self._stored[ino] = 0
+            return self._attr(conn, row)
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
         return self._new_inode(parent, name, mode, uid, gid, rdev)
@@ -575,9 +609,7 @@ class Namespace:
                 return
             if st.written:
                 st.written = False
-                policy = self.meta.conn.execute("SELECT policy FROM inodes WHERE ino = ?",
-                                                (ino,)).fetchone()
-                self._convert_auto(ino, st, inode[SIZE], policy[0] if policy else None)
+                self._convert_auto(ino, st, inode[SIZE], self._policy_of(self.meta.conn, ino))
             if st.idle:
                 self.files.pop(ino, None)
 
@@ -833,14 +865,21 @@ class Namespace:
             return True
 
     def _check_space(self, nbytes: int) -> None:
-        """Fail a write with ENOSPC up front when no extent could be placed at all."""
+        """Fail a write with ENOSPC up front when no extent could be placed at all.
+
+        A pool found roomy (every extent of the next ROOMY_FOR writes fits) is not looked
+        at again for ROOMY_SECONDS: the write-back itself still fails with ENOSPC."""
+        if time.monotonic() < self._roomy_until:
+            return
         healthy = self.pool.healthy_disks()
-        free = [self.store.disk_free(d.id) for d in healthy]
+        free = sorted((self.store.disk_free(d.id) for d in healthy), reverse=True)
         policy = self.pool.resolve_policy(None, 0)
         need = min(nbytes, self.extent_size) // policy.k + 4096
-        fitting = sum(1 for f in free if f >= need)
-        if fitting < policy.minimum:
+        room = free[policy.minimum - 1] if len(free) >= policy.minimum else 0
+        if room < need:
             raise NoSpaceError("no room left on the pool's healthy disks")
+        if room >= ROOMY_FOR * (self.extent_size + 4096):
+            self._roomy_until = time.monotonic() + ROOMY_SECONDS
 
     def _load_chunk(self, ino: int, st: FileState, chunk: int, file_size: int) -> bytearray:
         """The current bytes of a chunk, for a read-modify-write."""
@@ -923,6 +962,7 @@ class Namespace:
     def _wait_for_flusher(self) -> None:
         """cond.wait() for the flusher's progress (under the lock), telling it not to
         linger for more work meanwhile."""
+        self._hurry.set()
         self._queue.put(_HURRY)
         self.cond.wait()
 
@@ -953,20 +993,20 @@ class Namespace:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     wait = linger_until - time.monotonic()
-                    if size >= FLUSH_LINGER_BELOW or wait <= 0:
+                    if size >= FLUSH_LINGER_BELOW or wait <= 0 or self._hurry.is_set():
                         break
-                    try:
-                        nxt = self._queue.get(timeout=wait)
-                    except queue.Empty:
-                        break
+                    # Not woken by each hand-off (a thread wake-up per small file cost
+                    # more than writing it): only by someone waiting for the flusher.
+                    self._hurry.wait(wait)
+                    continue
                 if nxt is None:
                     self._queue.put(None)
                     break
                 if nxt is _HURRY:
-                    linger_until = 0.0
                     continue
                 batch.append(nxt)
                 size += len(nxt[2])
+            self._hurry.clear()
             finished: set[int] = set()
             try:
                 self._flush_batch(batch, finished)
@@ -982,9 +1022,10 @@ class Namespace:
         with self.meta.read() as conn:
             info = {}
             for ino in {b[0] for b in batch}:
-                row = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (ino,)).fetchone()
-                if row is not None:
-                    info[ino] = (self._row(conn, ino)[SIZE], row[0])
+                try:
+                    info[ino] = (self._row(conn, ino)[SIZE], self._policy_of(conn, ino))
+                except FsError:
+                    pass  # destroyed meanwhile
         todo: list[tuple[int, int, bytes]] = []
         holes: list[tuple[int, int, bytes]] = []
         for item in batch:
@@ -1051,8 +1092,9 @@ class Namespace:
                                    list[tuple[int, int, bytes]]]:
         """Forget what was written for files destroyed while it was (under the lock)."""
         conn = self.meta.conn
-        gone = {ino for ino in {t[0] for t in todo + holes}
-                if conn.execute("SELECT 1 FROM inodes WHERE ino = ?", (ino,)).fetchone() is None}
+        # A cached inode exists: destroying one drops the cache (_change).
+        gone = {ino for ino in {t[0] for t in todo + holes} if ino not in self._inodes
+                and conn.execute("SELECT 1 FROM inodes WHERE ino = ?", (ino,)).fetchone() is None}
         if not gone:
             return todo, written, holes
         pairs = list(zip(todo, written, strict=True))
@@ -1077,7 +1119,7 @@ class Namespace:
             # As in _convert_auto: only replicated extents of a file that should be EC.
             if size < AUTO_EC_THRESHOLD or w.info.policy.kind != "replicate":
                 continue
-            policy = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (ino,)).fetchone()[0]
+            policy = self._policy_of(conn, ino)
             mapped = conn.execute("SELECT extent_id FROM file_extents WHERE ino = ? AND chunk = ?",
                                   (ino, chunk)).fetchone()
             if (mapped is None or mapped[0] != w.info.id
@@ -1203,7 +1245,7 @@ class Namespace:
     def effective_policy(self, ino: int) -> str:
         with self.meta.read() as conn:
             self._row(conn, ino)
-            own = conn.execute("SELECT policy FROM inodes WHERE ino = ?", (ino,)).fetchone()[0]
+            own = self._policy_of(conn, ino)
         return str(own or self.pool.config.default_policy)
 
     def set_policy(self, ino: int, text: str) -> None:
