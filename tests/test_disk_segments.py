@@ -3,6 +3,8 @@ a vanished disk, and fragments of format-1 pools (a file each) read next to segm
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import sqlite3
 from pathlib import Path
@@ -106,6 +108,36 @@ def test_a_batch_that_fails_part_way_names_only_what_was_written(disk: Directory
     for fid, (segment, offset) in zip((2, 3), where, strict=True):
         ref = FragmentRef(fid, segment, offset, size)
         assert fragfmt.parse(disk.read_fragment(ref))[0].fragment_id == fid
+
+
+def _resident(path: Path, start: int, end: int) -> float:
+    """The share of the file's pages in [start, end) that are in the page cache."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+        first, last = start // page, (end + page - 1) // page
+        vec = (ctypes.c_ubyte * (last - first))()
+        anchor = ctypes.c_char.from_buffer(mm, first * page)
+        try:
+            assert libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)),
+                                ctypes.c_size_t((last - first) * page), vec) == 0
+        finally:
+            del anchor
+    return sum(v & 1 for v in vec) / len(vec)
+
+
+def test_appended_data_is_sent_to_the_device_and_dropped_from_the_page_cache(
+        disk: DirectoryDisk) -> None:
+    big = DirectoryDisk(disk.root)
+    big.drop_behind = 1024 * KiB
+    refs = [put(big, fid, os.urandom(600 * KiB)) for fid in (1, 2)]  # a window: sent
+    big.sync(refs)
+    refs += [put(big, fid, os.urandom(600 * KiB)) for fid in (3, 4)]  # the next: drops it
+    path = big.segment_path(1)
+    assert _resident(path, 0, refs[2].offset - 4 * KiB) < 0.1
+    assert _resident(path, refs[2].offset + 4 * KiB, refs[3].offset + refs[3].size) > 0.9
+    for ref in refs:  # read back from the device
+        assert fragfmt.parse(big.read_fragment(ref))[0].fragment_id == ref.id
 
 
 def test_a_freed_fragment_gives_its_blocks_back_and_is_no_longer_listed(

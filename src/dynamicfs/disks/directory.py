@@ -51,6 +51,16 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+# Bytes appended to a segment between two calls of _drop_behind.
+DROP_BEHIND = 16 << 20
+
+
+def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
+    if _libc.sync_file_range(fd, offset, length, flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def syncfs(fd: int) -> None:
@@ -115,8 +125,10 @@ class DirectoryDisk:
         self._active: int | None = None  # the segment appends go to; None until the first
         self._active_fd = -1
         self._end = 0
+        self._kicked = self._dropped = 0  # offsets in the active segment: _drop_behind
         self._new_entries = False  # a segment file was created since the last sync
         self.check_every = CHECK_EVERY
+        self.drop_behind = DROP_BEHIND
         self._checked = 0.0  # when the active segment was last found at its path
 
     def __repr__(self) -> str:
@@ -193,6 +205,31 @@ class DirectoryDisk:
                 self._end = end
                 where += offsets
                 i = j
+            if self.drop_behind and self._end - self._kicked >= self.drop_behind:
+                self._drop_behind()
+
+    def _drop_behind(self) -> None:
+        """Start writing the newest appended bytes to the device, and take the bytes
+        started last time out of the page cache.
+
+        Without it, writing 1 GiB under replicate:3 leaves 3 GiB of dirty pages until
+        the commit's fsync, on pages the machine may never have touched (measured here:
+        half the write time was the kernel copying into fresh page-cache pages, and the
+        fsync then had the whole 3 GiB to write). With it, the device works while data
+        still comes in and the same few pages are reused; a fragment read back soon
+        comes from the disk instead (the mount's own page cache holds file data anyway).
+        Neither call waits for the device nor reports its errors: fsync at the commit
+        does (pages still under writeback are simply not dropped)."""
+        fd = self._active_fd
+        try:
+            if self._kicked > self._dropped:
+                os.posix_fadvise(fd, self._dropped, self._kicked - self._dropped,
+                                 os.POSIX_FADV_DONTNEED)
+                self._dropped = self._kicked
+            sync_file_range(fd, self._kicked, self._end - self._kicked, _SYNC_FILE_RANGE_WRITE)
+        except OSError:
+            pass  # only a hint: the commit's fsync writes and checks everything
+        self._kicked = self._end
 
     def _start_segment(self, name: int) -> None:
         # Named after the first fragment written to it: fragment ids are never reused, so
@@ -206,7 +243,7 @@ class DirectoryDisk:
         self._active_fd = os.open(self.segment_path(name),
                                   os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._active = name
-        self._end = 0
+        self._end = self._kicked = self._dropped = 0
         self._new_entries = True
         self._checked = time.monotonic()
 
