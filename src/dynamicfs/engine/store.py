@@ -54,8 +54,9 @@ STATVFS_TTL = 1.0
 # (ZFS's diagnosis engine uses the same 10 errors in 10 minutes).
 SUSPECT_AFTER = 10
 SUSPECT_WINDOW = 600.0
-# Bytes of fragments queued for one disk before they go to a writer thread.
-WRITE_BATCH = 256 * 1024
+# Bytes of fragments queued for one disk before they go to a writer thread (256 KiB:
+# a task per ec:4+2 fragment; 2 MiB wrote 1 GiB through the mount 10-20% faster).
+WRITE_BATCH = 2 * 1024 * 1024
 # Fragment writes of at most this many bytes in all are done by the calling thread.
 INLINE_WRITE = 256 * 1024
 # The fragments columns a FragmentRow is built from, in its field order.
