@@ -57,6 +57,7 @@ from dynamicfs.observability.metrics import parse_address, start_metrics_server
 
 PID_FILE = "mount.pid"
 DAEMON_OUT = "daemon.out"
+GIL_SWITCH_INTERVAL = 0.001
 FSTYPE = "fuse.dynamicfs"
 READ_AHEAD_KB = 1024
 START_TIMEOUT = 120.0
@@ -305,6 +306,11 @@ def serve(pool: Path, mountpoint: Path, options: MountOptions, *, foreground: bo
     pool_dir, mnt = Path(pool).absolute(), Path(mountpoint).absolute()
     configure_for_pool(pool_dir, options.log_level, stderr=foreground)
     _share_log_with_pyfuse3()
+    # The event loop answers most requests itself, between the flusher's and the disk
+    # writers' turns at the interpreter; a request that finds them running waits for
+    # the switch interval. 1 ms instead of 5: 10,000 small files created ~9% faster,
+    # large reads and writes unchanged (measured here).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # Until the event loop listens for them, SIGTERM/SIGINT wait (threads started from
     # here on inherit the mask): a signal during start-up must not leave a dead mount.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
