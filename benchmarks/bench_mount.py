@@ -7,7 +7,9 @@ plain directory of that device, with the ratio and the target:
 - sequential write (`dd bs=1M conv=fsync`, after a throwaway write of the same size:
   a run's first large write is slow) and, after unmount, cache drop and remount,
   sequential read, with replicate:3 and with ec:4+2;
-- N files of 4 KiB in 100 directories: create, `ls -lR` (cold), read all, delete;
+- N files of 4 KiB in 100 directories: create, `ls -lR` (cold), read all, delete; and
+  the create on a do-nothing pyfuse3 filesystem (null_fuse.py), the floor under any
+  Python FUSE daemon on this machine;
 - extracting a source tarball with thousands of files (the Python standard library),
   then `diff -r` against the plain copy;
 - the mount daemon's peak memory (VmHWM).
@@ -181,6 +183,28 @@ class Bench:
             target = "<= 10x" if what == "create" else "-"
             self.record(f"{self.files} x 4 KiB {what}", results["plain"][i], results["dfs"][i],
                         "s", target, False)
+        self.record(f"{self.files} x 4 KiB create, do-nothing pyfuse3 filesystem",
+                    results["plain"][0], self.null_create(per_dir), "s",
+                    "(floor of any Python daemon)", False)
+
+    def null_create(self, per_dir: int) -> float:
+        """The create loop on benchmarks/null_fuse.py (no flush, nothing stored)."""
+        mnt = self.root / "null"
+        mnt.mkdir()
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("null_fuse.py")),
+                                 str(mnt)])
+        try:
+            deadline = time.monotonic() + 20
+            while not os.path.ismount(mnt):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the do-nothing filesystem did not mount")
+                time.sleep(0.05)
+            base = mnt / "small"
+            base.mkdir()
+            return timed(lambda: self._create(base, per_dir))
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+            proc.wait(timeout=30)
 
     def tarball_extract(self) -> None:
         out_plain = self.plain / "tree"
