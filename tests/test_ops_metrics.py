@@ -146,14 +146,21 @@ def test_health_endpoint_and_metrics_follow_failed_disks_and_rebuilds(
 def test_fuse_latency_histogram_counts_observed_requests(tmp_path: Path) -> None:
     pool_dir = make_pool(tmp_path, [None] * 2, policy="replicate:2")
     with Pool.open(pool_dir) as pool:
-        name = "dynamicfs_fuse_op_seconds_count"
-        before = parse(metrics.render(pool)).get((name, (("op", "test_op"),)), 0.0)
-        metrics.observe_fuse("test_op", 0.0002)
-        metrics.observe_fuse("test_op", 3.0)
+        name = "dynamicfs_fuse_op_seconds"
+        first = parse(metrics.render(pool))
+
+        def grew(samples: Samples, suffix: str, **labels: str) -> float:
+            key = (name + suffix, tuple(sorted({"op": "test_op", **labels}.items())))
+            return samples.get(key, 0.0) - first.get(key, 0.0)
+
+        for seconds in (0.0002, 3.0, 30.0):
+            metrics.observe_fuse("test_op", seconds)
         samples = parse(metrics.render(pool))
-        assert value(samples, name, op="test_op") == before + 2
-        assert value(samples, "dynamicfs_fuse_op_seconds_bucket", op="test_op", le="0.00025") \
-            >= before + 1
+        assert grew(samples, "_count") == 3
+        assert grew(samples, "_sum") == pytest.approx(33.0002)
+        # Buckets are cumulative: le="0.00025" holds one, le="10.0" two, +Inf all three.
+        assert [grew(samples, "_bucket", le=le) for le in ("0.0001", "0.00025", "2.5", "5.0",
+                                                           "10.0", "+Inf")] == [0, 1, 1, 2, 2, 3]
         assert metrics.last_fuse_request() > 0
 
 
