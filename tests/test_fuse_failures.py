@@ -24,7 +24,7 @@ from dynamicfs.disks import fragment as fragfmt
 from dynamicfs.disks.directory import DirectoryDisk
 from dynamicfs.disks.faulty import ENV_VAR
 from fragment_spot import FragmentSpot
-from fusehelpers import Mount, cli, make_pool, mounted_pool
+from fusehelpers import Mount, cli, is_mounted, make_pool, mounted_pool
 
 pytestmark = pytest.mark.fuse
 
@@ -140,6 +140,47 @@ def test_data_whose_write_back_failed_reads_eio_never_zeros(
     assert_clean(m.pool)
 
 
+def test_data_whose_write_back_failed_still_reads_eio_after_a_remount(
+        tmp_path: Path, fuse_available: None) -> None:
+    # As above, and the second file overwrote an older version of itself: neither zeros
+    # nor the older bytes may come back once the daemon has forgotten what it lost. Six
+    # disks of one fragment each: the first file and the old version take them all.
+    with faults("write:enospc:after=1"), mounted_pool(tmp_path, disks=6) as m:
+        first, old, new = (os.urandom(300 * KiB) for _ in range(3))
+        write_file(m / "first", first)
+        write_file(m / "second", old)
+        write_file(m / "second", new, fsync=False)  # its write-back comes after close
+        LogWatch(m.pool, offset=0).wait_for("write-back failed")
+        with pytest.raises(OSError):
+            os.close(os.open(m / "second", os.O_RDONLY))  # the error, reported once
+        m.unmount()
+        fsck = cli("fsck", m.pool, "--json", check=False)
+        problems = json.loads(fsck.stdout)["problems"]
+        assert fsck.returncode != 0
+        assert [(p["kind"], p["paths"]) for p in problems] == [("lost-chunk", ["/second"])]
+    with mounted_pool_again(m) as m:
+        assert os.stat(m / "second").st_size == len(new)
+        with pytest.raises(OSError) as read:
+            (m / "second").read_bytes()
+        assert read.value.errno == errno.EIO
+        assert (m / "first").read_bytes() == first
+        write_file(m / "second", new)  # a whole new version replaces the lost chunk
+        assert (m / "second").read_bytes() == new
+    assert_clean(m.pool)
+
+
+@contextlib.contextmanager
+def mounted_pool_again(m: Mount) -> Iterator[Mount]:
+    """Mount `m` again (without the faults of before); always unmounted at the end."""
+    m.mount()
+    try:
+        yield m
+    finally:
+        if is_mounted(m.mnt):
+            m.unmount()
+        m.force_unmount()
+
+
 # ---------------------------------------------------------------------- full disks
 def small_disk_pool(root: Path, disks: int, capacity: int) -> Mount:
     pool_dir, paths = make_pool(root, disks, capacity=capacity)
@@ -166,13 +207,30 @@ def fill(mnt: Path, prefix: str, size: int, limit: int = 1000
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.close(fd)
+            never_wrong_then_gone(mnt / name, data)
             return files, exc.errno or 0, step
         try:
             os.close(fd)
         except OSError as exc:
+            never_wrong_then_gone(mnt / name, data)
             return files, exc.errno or 0, step
         files[name] = data
     return files, 0, ""
+
+
+def never_wrong_then_gone(path: Path, data: bytes) -> None:
+    """A file whose writing failed reads back as what was written of it, or fails with
+    EIO where that was lost; never other bytes. Then it is removed, as a program would.
+    (A failed sync rolls back the commit that would have named the file: it is gone.)"""
+    try:
+        got = path.read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        assert exc.errno == errno.EIO, exc
+    else:
+        assert got == data[: len(got)]
+    path.unlink()
 
 
 def run_dd(path: Path) -> subprocess.CompletedProcess[str]:
@@ -193,6 +251,18 @@ def test_a_full_pool_fails_writes_with_enospc_and_keeps_what_was_written(
         assert dd.returncode != 0 and "No space left on device" in dd.stderr
         for name, data in files.items():
             assert (m / name).read_bytes() == data
+        # What dd handed over before the pool was full, and that could not be stored
+        # after it, is lost: fsck names the file, and it reads as an I/O error after a
+        # remount too (never as zeros).
+        m.unmount()
+        fsck = json.loads(cli("fsck", m.pool, "--json", check=False).stdout)["problems"]
+        assert {(p["kind"], tuple(p["paths"])) for p in fsck} <= {("lost-chunk", ("/dd.out",))}
+        m.mount()
+        if fsck:
+            with pytest.raises(OSError) as lost:
+                (m / "dd.out").read_bytes()
+            assert lost.value.errno == errno.EIO
+        os.unlink(m / "dd.out")
         remount_clean(m)
         for name, data in files.items():
             assert (m / name).read_bytes() == data
@@ -200,7 +270,6 @@ def test_a_full_pool_fails_writes_with_enospc_and_keeps_what_was_written(
         for name in list(files)[::2]:
             os.unlink(m / name)
             del files[name]
-        os.unlink(m / "dd.out")
         more, code, _ = fill(m.mnt, "g", 256 * KiB)
         assert len(more) >= 4 and code == errno.ENOSPC
         files.update(more)

@@ -37,6 +37,7 @@ from dynamicfs.disks import fragment as fragfmt
 from dynamicfs.disks.directory import SYNCFS_THRESHOLD, FragmentRef
 from dynamicfs.disks.health import COUNTS_FOR_REDUNDANCY, HEALTHY, SUSPECT
 from dynamicfs.errors import FsError, NoSpaceError, UnreadableError
+from dynamicfs.meta.schema import LOST_EXTENT
 from dynamicfs.observability.log import warn
 from dynamicfs.placement.placement import Candidate, choose_disks
 from dynamicfs.redundancy import codecs
@@ -619,9 +620,10 @@ class ExtentStore:
 
     # -- freeing -------------------------------------------------------------------
     def free_if_unreferenced(self, conn: Connection, extent_ids: Iterable[int]) -> int:
-        """Delete extents no file refers to; their fragments are freed after the commit."""
+        """Delete extents no file refers to; their fragments are freed after the commit.
+        (LOST_EXTENT, the mark of a chunk whose write-back failed, is no extent.)"""
         freed = 0
-        for extent_id in set(extent_ids):
+        for extent_id in set(extent_ids) - {LOST_EXTENT}:
             if conn.execute("SELECT 1 FROM file_extents WHERE extent_id = ? LIMIT 1",
                             (extent_id,)).fetchone():
                 continue

@@ -11,7 +11,7 @@ Checks, in the order repairs are made (each check sees the earlier repairs):
    /lost+found as `#<ino>`;
 5. link counts: a file has one link per entry, a directory 2 + its subdirectories;
 6. extents no file refers to are freed; extents that files refer to exist and have
-   fragments;
+   fragments; chunks whose write-back failed (LOST_EXTENT) are listed with their files;
 7. every fragment row has its bytes on its disk: its segment file is there and long
    enough, and the header at its offset names it with the recorded size (missing or
    short ones are rebuilt by ExtentStore.rebuild from the others);
@@ -37,6 +37,7 @@ from dynamicfs.engine.pool import ID_BITS, mount_info
 from dynamicfs.errors import DynamicFSError, UnreadableError
 from dynamicfs.maintenance.paths import ROOT_INO, PathResolver
 from dynamicfs.maintenance.scrub import blocker_note, check_disks, rebuild, repair_blockers
+from dynamicfs.meta.schema import LOST_EXTENT
 from dynamicfs.redundancy.policy import parse_concrete
 
 if TYPE_CHECKING:
@@ -269,6 +270,12 @@ class _Fsck:
         for ino, chunk, extent_id in conn.execute(
                 "SELECT x.ino, x.chunk, x.extent_id FROM file_extents x LEFT JOIN extents e "
                 "ON e.id = x.extent_id WHERE e.id IS NULL").fetchall():
+            if extent_id == LOST_EXTENT:
+                self.problem("lost-chunk", f"inode {ino} chunk {chunk} was never stored (its "
+                             "write-back failed): that part of the file reads as an I/O error",
+                             paths=resolver.paths(ino),
+                             hint="restore the file from a copy, or overwrite or truncate it")
+                continue
             self.problem("missing-extent", f"inode {ino} chunk {chunk} names missing extent "
                          f"{extent_id}: that part of the file reads as an I/O error",
                          paths=resolver.paths(ino),

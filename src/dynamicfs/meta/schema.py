@@ -8,6 +8,10 @@ version i to i+1. The pool's on-disk format version (FORMAT_VERSION) is stored i
 from __future__ import annotations
 
 FORMAT_VERSION = 2
+# file_extents.extent_id of a chunk whose write-back failed: no extent has this id, and
+# the chunk reads as an I/O error (not as zeros, nor as what it held before) until it is
+# overwritten whole or truncated away.
+LOST_EXTENT = 0
 
 _V1 = """
 CREATE TABLE pool (

@@ -40,6 +40,7 @@ from typing import Any
 from dynamicfs.engine.pool import Pool
 from dynamicfs.engine.store import WrittenExtent
 from dynamicfs.errors import DynamicFSError, FsError, NoSpaceError, PolicyError
+from dynamicfs.meta.schema import LOST_EXTENT
 from dynamicfs.namespace.types import (
     LAYOUT_XATTR,
     NAME_MAX,
@@ -736,7 +737,8 @@ class Namespace:
                                            "ino = ? AND chunk BETWEEN ? AND ?",
                                            (ino, first, until)).fetchall())
                 self._touch_atime(conn, row)
-            ahead = [mapped[c] for c in range(ahead_from, until + 1) if c in mapped]
+            ahead = [mapped[c] for c in range(ahead_from, until + 1)
+                     if mapped.get(c, LOST_EXTENT) != LOST_EXTENT]
             plan: list[tuple[int, int, bytes | int | None]] = []
             for chunk in range(first, last + 1):
                 src: bytes | int | None = mapped.get(chunk)
@@ -747,6 +749,8 @@ class Namespace:
                         src = st.inflight[chunk]
                     elif chunk in st.lost:
                         raise _lost(chunk)
+                if src == LOST_EXTENT and isinstance(src, int):
+                    raise _lost(chunk)
                 plan.append((chunk, chunk * E, src))
             return plan, length, ahead
 
@@ -896,6 +900,8 @@ class Namespace:
                                (ino, chunk)).fetchone()
         if row is None:
             return bytearray(valid)
+        if row[0] == LOST_EXTENT:
+            raise _lost(chunk)
         data = bytearray(self.store.read(row[0])[:valid])
         if len(data) < valid:
             data.extend(bytes(valid - len(data)))
@@ -1147,6 +1153,7 @@ class Namespace:
         lost = {id(t) for t in failed}
         stored = {id(t) for t in done}
         with self.lock:
+            gone: list[tuple[int, int]] = []
             for item in batch:
                 ino, chunk, data = item
                 self._inflight_bytes -= len(data)
@@ -1161,11 +1168,26 @@ class Namespace:
                     st.lost.discard(chunk)
                 elif id(item) in lost and latest and chunk not in st.dirty:
                     st.lost.add(chunk)  # no later hand-off of this chunk replaces it
+                    gone.append((ino, chunk))
                 if failure:
                     st.error = failure
                 if st.idle:
                     self.files.pop(ino, None)
+            if gone:
+                self._mark_lost(gone)
             self.cond.notify_all()
+
+    def _mark_lost(self, chunks: list[tuple[int, int]]) -> None:
+        """Record chunks whose write-back failed as lost (LOST_EXTENT), so that they read
+        as I/O errors after a remount too: their size is the file's already, and zeros
+        or the bytes they held before would be wrong bytes."""
+        try:
+            with self.meta.write() as conn:
+                for ino, chunk in chunks:
+                    if conn.execute("SELECT 1 FROM inodes WHERE ino = ?", (ino,)).fetchone():
+                        self._map(conn, ino, chunk, LOST_EXTENT)
+        except Exception as exc:  # the metadata itself failing: said, not raised
+            error("cannot record lost chunks", chunks=chunks, reason=repr(exc))
 
     def _commit_loop(self) -> None:
         while not self._closing.wait(self.commit_interval):
