@@ -79,7 +79,7 @@ def test_status_counts_under_redundant_and_unreadable_extents_and_names_files_at
     assert (s["under_redundant"], s["unreadable"]) == (0, 4)
     assert s["files_at_risk"] == ["/b", "/data/a"]
     code, out, _ = run(capsys, "status", pool_dir)
-    assert "files at risk (unreadable extents): 2" in out
+    assert "files at risk (unreadable extents, lost writes): 2" in out
     assert "  /data/a" in out.splitlines()
 
 

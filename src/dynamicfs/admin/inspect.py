@@ -25,6 +25,7 @@ from dynamicfs.errors import DynamicFSError
 from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.maintenance.rebuilder import RebuildState, read_state
 from dynamicfs.maintenance.whatif import failures_survivable
+from dynamicfs.meta.schema import LOST_EXTENT
 from dynamicfs.namespace.types import ROOT_INO
 from dynamicfs.placement.placement import usable_capacity
 from dynamicfs.redundancy.policy import AUTO, Policy, describe_auto, ec, parse_concrete, replicate
@@ -200,7 +201,8 @@ def status(pool: Pool) -> Status:
         extents = extent_health(conn)
         queued = conn.execute("SELECT count(*) FROM repair_queue").fetchone()[0]
         unreadable = [e.id for e in extents if e.state == UNREADABLE]
-        at_risk = files_of_extents(conn, unreadable) if unreadable else []
+        # With the files whose write-back failed (their lost chunks read as I/O errors).
+        at_risk = files_of_extents(conn, [*unreadable, LOST_EXTENT])
     default = pool.config.default_policy
     return Status(
         pool=str(pool.path), uuid=pool.config.uuid, default_policy=default,

@@ -42,7 +42,8 @@ def _status_text(s: dict[str, Any]) -> None:
         click.echo(f"rebuilding: {rebuild['done']} of {rebuild['total']} extents "
                    f"({rebuild['rate']:.1f}/s{eta}), {rebuild['failed']} failed")
     if s["files_at_risk_total"]:
-        click.echo(f"files at risk (unreadable extents): {s['files_at_risk_total']}")
+        click.echo(f"files at risk (unreadable extents, lost writes): "
+                   f"{s['files_at_risk_total']}")
         for path in s["files_at_risk"]:
             click.echo(f"  {path}")
 
