@@ -160,6 +160,9 @@ def test_data_whose_write_back_failed_still_reads_eio_after_a_remount(
         assert [(p["kind"], p["paths"]) for p in problems] == [("lost-chunk", ["/second"])]
         status = json.loads(cli("status", m.pool, "--json").stdout)
         assert status["files_at_risk"] == ["/second"]
+        health = cli("health", m.pool, "--json", check=False)
+        assert health.returncode == 2  # unreadable data
+        assert json.loads(health.stdout)["at_risk"]["unreadable"] == ["/second"]
     with mounted_pool_again(m) as m:
         assert os.stat(m / "second").st_size == len(new)
         with pytest.raises(OSError) as read:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynamicfs.disks.health import COUNTS_FOR_REDUNDANCY, HEALTHY, READABLE
+from dynamicfs.meta.schema import LOST_EXTENT
 
 if TYPE_CHECKING:
     from dynamicfs.engine.pool import Pool
@@ -354,6 +355,7 @@ class HealthReport:
     scrub_findings: dict[str, int]
     metadata_generation: dict[str, object] | None
     metadata_copies: list[MetadataCopy]
+    lost_chunks: int = 0  # chunks of files whose write-back failed (LOST_EXTENT)
 
 
 def disk_health(pool: Pool) -> list[DiskHealth]:
@@ -387,12 +389,17 @@ def build_report(pool: Pool, path_limit: int = DEFAULT_PATH_LIMIT) -> HealthRepo
         if state != "repaired":
             risky[key] = sorted(set(risky[key]) | set(ids))[:path_limit]
     at_risk = {state: paths_of_extents(db, ids, path_limit) for state, ids in risky.items()}
+    lost = int(db.query("SELECT count(*) FROM file_extents WHERE extent_id = ?",
+                        (LOST_EXTENT,))[0][0])
+    if lost:
+        at_risk["unreadable"] = sorted(set(at_risk["unreadable"])
+                                       | set(paths_of_extents(db, [LOST_EXTENT], path_limit)))
     backlog = repair_backlog(pool, db)
     generation, copies = metadata_copies(pool, db, tables)
     report = HealthReport(
         str(pool.path), pool.config.uuid, time.time(), HEALTHY_STATUS, 0, [], [], disks, counts,
         at_risk, backlog, manual_scrub(db, tables), background_scrub(db, tables),
-        {state: len(ids) for state, ids in findings.items()}, generation, copies)
+        {state: len(ids) for state, ids in findings.items()}, generation, copies, lost)
     judge(report, findings)
     return report
 
@@ -406,6 +413,9 @@ def judge(report: HealthReport, findings: dict[str, list[int]]) -> None:
                         "readable disks)")
     if findings.get("unreadable"):
         problems.append(f"the last scrub found {len(findings['unreadable'])} unreadable extents")
+    if report.lost_chunks:
+        problems.append(f"{report.lost_chunks} chunks of files were never stored (their "
+                        "write-back failed) and read as I/O errors; 'dynamicfs fsck' lists them")
     unreadable = bool(problems)
     if counts.under_redundant:
         problems.append(f"{counts.under_redundant} extents are under-redundant")
