@@ -165,6 +165,8 @@ def test_data_whose_write_back_failed_still_reads_eio_after_a_remount(
         assert json.loads(health.stdout)["at_risk"]["unreadable"] == ["/second"]
     with mounted_pool_again(m) as m:
         assert os.stat(m / "second").st_size == len(new)
+        layout = os.getxattr(m / "second", "user.dynamicfs.layout").decode()
+        assert layout == "chunk 0 extent 0 lost: its write-back failed\n"
         with pytest.raises(OSError) as read:
             (m / "second").read_bytes()
         assert read.value.errno == errno.EIO

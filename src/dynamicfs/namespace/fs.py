@@ -1281,14 +1281,20 @@ class Namespace:
                          (str(policy), time.time_ns(), ino))
 
     def layout(self, ino: int) -> str:
-        """One line per extent: chunk, extent id, policy, length, fragments and their disks."""
+        """One line per extent: chunk, extent id, policy, length, fragments and their disks
+        (a chunk whose write-back failed says so)."""
         lines = []
         with self.meta.read() as conn:
             self._row(conn, ino)
-            rows = conn.execute("SELECT f.chunk, e.id, e.policy, e.length FROM file_extents f "
-                                "JOIN extents e ON e.id = f.extent_id WHERE f.ino = ? "
-                                "ORDER BY f.chunk", (ino,)).fetchall()
+            rows = conn.execute("SELECT f.chunk, f.extent_id, e.policy, e.length "
+                                "FROM file_extents f LEFT JOIN extents e ON e.id = f.extent_id "
+                                "WHERE f.ino = ? ORDER BY f.chunk", (ino,)).fetchall()
             for chunk, extent_id, policy, length in rows:
+                if policy is None:
+                    what = "lost: its write-back failed" if extent_id == LOST_EXTENT \
+                        else "missing from the metadata"
+                    lines.append(f"chunk {chunk} extent {extent_id} {what}")
+                    continue
                 frags = conn.execute("SELECT idx, disk_id FROM fragments WHERE extent_id = ? "
                                      "ORDER BY idx", (extent_id,)).fetchall()
                 where = " ".join(f"{i}@disk{d}" for i, d in frags)
