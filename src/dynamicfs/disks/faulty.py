@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 ENV_VAR = "DYNAMICFS_FAULTS"
 OPERATIONS = ("read", "write", "sync", "delete")
 FAULTS = ("eio", "enospc", "short", "bitflip", "crash")
+# Where a write that never reached a crashed disk claims to be: a segment that does not
+# exist (segment names are fragment ids, and this one is never used).
+LOST_LOCATION = (0, 0)
 _ALLOWED = {
     "eio": {"read", "write", "sync", "delete"},
     "enospc": {"write"},
@@ -150,7 +153,7 @@ class FaultyDisk:
                        *, name_segment: Callable[[], int] | None = None) -> tuple[int, int]:
         rule = self._fault("write", fragment_id)
         if self.crashed:
-            return self._lost_location
+            return LOST_LOCATION
         if rule is None:
             return self.inner.write_fragment(fragment_id, header, payload,
                                              name_segment=name_segment)
@@ -168,12 +171,6 @@ class FaultyDisk:
         """One write_fragment() each, so that every rule counts fragments as before."""
         for fid, header, payload in records:
             where.append(self.write_fragment(fid, header, payload, name_segment=name_segment))
-
-    @property
-    def _lost_location(self) -> tuple[int, int]:
-        """Where a write that never reached the disk claims to be: a segment that does
-        not exist (segment names are fragment ids, and this one is never used)."""
-        return 0, 0
 
     def read_fragment(self, ref: FragmentRef) -> bytes:
         rule = self._fault("read", ref.id)

@@ -388,12 +388,11 @@ def build_report(pool: Pool, path_limit: int = DEFAULT_PATH_LIMIT) -> HealthRepo
         key = "unreadable" if state == "unreadable" else "under_redundant"
         if state != "repaired":
             risky[key] = sorted(set(risky[key]) | set(ids))[:path_limit]
-    at_risk = {state: paths_of_extents(db, ids, path_limit) for state, ids in risky.items()}
     lost = int(db.query("SELECT count(*) FROM file_extents WHERE extent_id = ?",
                         (LOST_EXTENT,))[0][0])
-    if lost:
-        at_risk["unreadable"] = sorted(set(at_risk["unreadable"])
-                                       | set(paths_of_extents(db, [LOST_EXTENT], path_limit)))
+    if lost:  # their files read as I/O errors there, as those of unreadable extents do
+        risky["unreadable"] = [*risky["unreadable"], LOST_EXTENT]
+    at_risk = {state: paths_of_extents(db, ids, path_limit) for state, ids in risky.items()}
     backlog = repair_backlog(pool, db)
     generation, copies = metadata_copies(pool, db, tables)
     report = HealthReport(
