@@ -7,12 +7,13 @@ import ctypes
 import mmap
 import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from dynamicfs.disks import fragment as fragfmt
-from dynamicfs.disks.directory import DirectoryDisk, FragmentRef
+from dynamicfs.disks.directory import DIRECT_BUFFER, DIRECT_MIN, DirectoryDisk, FragmentRef
 from dynamicfs.disks.label import Label, write_label
 from dynamicfs.engine.pool import Pool
 from dynamicfs.maintenance.fsck import fsck
@@ -130,6 +131,7 @@ def test_appended_data_is_sent_to_the_device_and_dropped_from_the_page_cache(
         disk: DirectoryDisk) -> None:
     big = DirectoryDisk(disk.root)
     big.drop_behind = 1024 * KiB
+    big.direct = False  # records this large would bypass the page cache altogether
     refs = [put(big, fid, os.urandom(600 * KiB)) for fid in (1, 2)]  # a window: sent
     big.sync(refs)
     refs += [put(big, fid, os.urandom(600 * KiB)) for fid in (3, 4)]  # the next: drops it
@@ -138,6 +140,59 @@ def test_appended_data_is_sent_to_the_device_and_dropped_from_the_page_cache(
     assert _resident(path, refs[2].offset + 4 * KiB, refs[3].offset + refs[3].size) > 0.9
     for ref in refs:  # read back from the device
         assert fragfmt.parse(big.read_fragment(ref))[0].fragment_id == ref.id
+
+
+def test_large_records_bypass_the_page_cache_on_block_boundaries_and_walk_with_small_ones(
+        disk: DirectoryDisk) -> None:
+    big = DirectoryDisk(disk.root)
+    payloads = {1: os.urandom(3 * KiB), 2: os.urandom(DIRECT_MIN + 5),
+                3: os.urandom(700), 4: os.urandom(DIRECT_BUFFER + 9 * KiB + 1),
+                5: os.urandom(DIRECT_MIN)}
+    refs = [put(big, fid, payload) for fid, payload in payloads.items()]
+    small, large = refs[0::2], refs[1::2]
+    assert refs[0].offset == 0
+    assert refs[1].offset == 4 * KiB  # the first boundary after the small record
+    for before, ref in zip(refs, refs[1:], strict=False):
+        assert ref.offset >= before.offset + before.size
+        if ref in large or before in large:
+            assert ref.offset % (4 * KiB) == 0
+    path = big.segment_path(1)
+    for ref in large:  # written to the device, not left in the page cache
+        assert _resident(path, ref.offset, ref.offset + ref.size) < 0.1
+    assert any(_resident(path, ref.offset, ref.offset + ref.size) > 0.9 for ref in small)
+    big.sync(refs)
+    for ref in refs:
+        head, payload = fragfmt.parse(big.read_fragment(ref))
+        assert head.fragment_id == ref.id and payload == payloads[ref.id]
+    assert list(big.records(1)) == refs  # the walk skips the padding
+    assert list(big.find_problems(refs)) == []
+    big.delete_fragment(refs[1])
+    assert list(big.records(1)) == [r for r in refs if r != refs[1]]
+
+
+def test_a_filesystem_without_o_direct_gets_large_records_through_the_page_cache(
+        tmp_path: Path) -> None:
+    root = tmp_path / "ram"
+    root.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "ramfs", "none", str(root)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a ramfs (which refuses O_DIRECT) needs root")
+    try:
+        write_label(root, Label("11111111-1111-1111-1111-111111111111",
+                                "22222222-2222-2222-2222-222222222222"))
+        mem = DirectoryDisk(root)
+        mem.prepare()
+        payloads = {fid: os.urandom(DIRECT_MIN * fid) for fid in (1, 2)}
+        refs = [put(mem, fid, payload) for fid, payload in payloads.items()]
+        assert not mem.direct  # refused: found out once, and not asked again
+        assert refs[1].offset == refs[0].size  # back to back, as through the page cache
+        mem.sync(refs)
+        for ref in refs:
+            assert fragfmt.parse(mem.read_fragment(ref))[1] == payloads[ref.id]
+        assert list(mem.records(1)) == refs
+        mem.close()
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
 
 
 def test_a_freed_fragment_gives_its_blocks_back_and_is_no_longer_listed(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import threading
 import time
@@ -57,6 +58,15 @@ _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, 
 _SYNC_FILE_RANGE_WRITE = 2
 # Bytes appended to a segment between two calls of _drop_behind.
 DROP_BEHIND = 16 << 20
+# Records of at least this many bytes bypass the page cache (O_DIRECT, see
+# _append_direct); they start on a 4096-byte boundary and are padded with zeros to one
+# (at most 1.5% more space for them: an ec:4+2 fragment of a 1 MiB extent qualifies).
+DIRECT_MIN = 256 << 10
+# The aligned staging buffer of a disk's direct writes: records are copied into it and
+# written from it, this many bytes at most per write.
+DIRECT_BUFFER = (4 << 20) + _BLOCK
+_ZEROS = bytes(_BLOCK)  # padding
+
 
 
 def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
@@ -116,7 +126,8 @@ class ProbeResult:
 
 class DirectoryDisk:
     """Fragment storage in a directory. Thread-safe: every method may run concurrently;
-    appends to the disk are serialised, so a segment never has a gap."""
+    appends to the disk are serialised, so a segment has no gap but the zero padding
+    up to a 4096-byte boundary ahead of a record written with O_DIRECT."""
 
     def __init__(self, root: Path | str, *, segment_max: int = SEGMENT_MAX) -> None:
         self.root = Path(root)
@@ -128,6 +139,10 @@ class DirectoryDisk:
         self._active_fd = -1
         self._end = 0
         self._kicked = self._dropped = 0  # offsets in the active segment: _drop_behind
+        self.direct = True  # large records with O_DIRECT; off where the filesystem refuses
+        self._direct_fd = -1  # the active segment opened with O_DIRECT, once needed
+        self._staging: mmap.mmap | None = None
+        self._staging_at: ctypes.c_char | None = None
         self._new_entries = False  # a segment file was created since the last sync
         self.check_every = CHECK_EVERY
         self.drop_behind = DROP_BEHIND
@@ -177,38 +192,150 @@ class DirectoryDisk:
         with self._append:
             i = 0
             while i < len(records):
-                size = len(records[i][1]) + len(records[i][2])
-                if self._active is not None and (
-                        (self._end and self._end + size > self.segment_max)
-                        or not self._still_there()):
-                    self._seal()
-                if self._active is None:
-                    self._start_segment(records[i][0] if name_segment is None
-                                        else name_segment())
-                segment, start = self._active, self._end
-                assert segment is not None
-                buffers: list[bytes | memoryview] = []
-                offsets: list[tuple[int, int]] = []
-                end, j = start, i
-                while j < len(records) and len(buffers) < IOV_MAX:
-                    _, header, payload = records[j]
-                    size = len(header) + len(payload)
-                    if j > i and end + size > self.segment_max:
-                        break
-                    buffers += (header, payload)
-                    offsets.append((segment, end))
-                    end += size
-                    j += 1
-                try:
-                    _pwrite_all(self._active_fd, buffers, start)
-                except BaseException:
-                    self._seal()  # a torn record ends its segment: the next write starts another
-                    raise
-                self._end = end
-                where += offsets
-                i = j
+                if self._is_direct(records[i]):
+                    i = self._append_direct(records, i, where, name_segment)
+                else:
+                    i = self._append_buffered(records, i, where, name_segment)
             if self.drop_behind and self._end - self._kicked >= self.drop_behind:
                 self._drop_behind()
+
+    def _is_direct(self, record: tuple[int, bytes, bytes | memoryview]) -> bool:
+        return self.direct and len(record[1]) + len(record[2]) >= DIRECT_MIN
+
+    def _room_for(self, start: int, size: int, fragment_id: int,
+                  name_segment: Callable[[], int] | None) -> int:
+        """Seal the active segment if `size` bytes at `start` would take it past
+        segment_max (a first record always fits) or it vanished; start one if there is
+        none. Returns where the record goes: `start`, or 0 in a new segment."""
+        if self._active is not None and ((self._end and start + size > self.segment_max)
+                                         or not self._still_there()):
+            self._seal()
+        if self._active is None:
+            self._start_segment(fragment_id if name_segment is None else name_segment())
+            return 0
+        return start
+
+    def _append_buffered(self, records: Sequence[tuple[int, bytes, bytes | memoryview]],
+                         i: int, where: list[tuple[int, int]],
+                         name_segment: Callable[[], int] | None) -> int:
+        """Append records from i on through the page cache, in one pwritev, up to the
+        next record for _append_direct; returns the index after the last one written."""
+        start = self._room_for(self._end, len(records[i][1]) + len(records[i][2]),
+                               records[i][0], name_segment)
+        segment = self._active
+        assert segment is not None
+        buffers: list[bytes | memoryview] = []
+        offsets: list[tuple[int, int]] = []
+        end, j = start, i
+        while j < len(records) and len(buffers) < IOV_MAX:
+            _, header, payload = records[j]
+            size = len(header) + len(payload)
+            if j > i and (end + size > self.segment_max or self._is_direct(records[j])):
+                break
+            buffers += (header, payload)
+            offsets.append((segment, end))
+            end += size
+            j += 1
+        try:
+            _pwrite_all(self._active_fd, buffers, start)
+        except BaseException:
+            self._seal()  # a torn record ends its segment: the next write starts another
+            raise
+        self._end = end
+        where += offsets
+        return j
+
+    def _append_direct(self, records: Sequence[tuple[int, bytes, bytes | memoryview]],
+                       i: int, where: list[tuple[int, int]],
+                       name_segment: Callable[[], int] | None) -> int:
+        """Append large records from i on with O_DIRECT, each from a 4096-byte boundary
+        and padded with zeros to the next one (so whatever follows starts on one too):
+        as many as fit in the staging buffer go out in one write. Returns the index
+        after the last one written.
+
+        Why: through the page cache, the kernel's copy into pages, ext4's per-page
+        delayed allocation and the write-back threads cost 1.6-2.8 s of system time per
+        GiB of fragments here; staging the records in an aligned buffer and writing
+        them with O_DIRECT cost 0.3 s (the copy) and 0.1 s. Through the mount, 1 GiB
+        written under ec:4+2 took the same time either way but 5% less CPU in all (the
+        daemon's system time fell by 30%), and it no longer churns the page cache.
+        Durability is unchanged: the commit's fsync still flushes the device's cache and
+        the file's metadata. A filesystem that refuses O_DIRECT (ramfs, say) gets every
+        record through the page cache from then on."""
+        padded = _round_up(len(records[i][1]) + len(records[i][2]))
+        start = self._room_for(_round_up(self._end), padded, records[i][0], name_segment)
+        segment = self._active
+        assert segment is not None
+        parts: list[bytes | memoryview] = []
+        offsets: list[tuple[int, int]] = []
+        end, j = start, i
+        while j < len(records) and self._is_direct(records[j]):
+            _, header, payload = records[j]
+            padded = _round_up(len(header) + len(payload))
+            if j > i and (end + padded > self.segment_max or end + padded - start > DIRECT_BUFFER):
+                break
+            parts += (header, payload, memoryview(_ZEROS)[: padded - len(header) - len(payload)])
+            offsets.append((segment, end))
+            end += padded
+            j += 1
+        try:
+            if self._direct_fd < 0:
+                self._direct_fd = os.open(self.segment_path(segment), os.O_WRONLY | os.O_DIRECT)
+            self._write_staged(parts, start)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                self._seal()  # a torn record ends its segment: the next write starts another
+                raise
+            # O_DIRECT refused by this filesystem: these records and all after them go
+            # through the page cache (over whatever of them was written).
+            self.direct = False
+            self._close_direct()
+            return i
+        except BaseException:
+            self._seal()
+            raise
+        self._end = end
+        where += offsets
+        return j
+
+    def _write_staged(self, parts: list[bytes | memoryview], start: int) -> None:
+        """Write the concatenation of `parts` (a multiple of 4096 bytes long) at `start`
+        through the O_DIRECT descriptor, copied into the aligned staging buffer and
+        written from it, DIRECT_BUFFER bytes at a time. Parts that are bytes are copied
+        by ctypes.memmove, which lets other threads run meanwhile."""
+        if self._staging is None:
+            self._staging = mmap.mmap(-1, DIRECT_BUFFER)  # page-aligned, as O_DIRECT needs
+            self._staging_at = ctypes.c_char.from_buffer(self._staging)  # its address
+        assert self._staging_at is not None
+        base = ctypes.addressof(self._staging_at)
+        stage = memoryview(self._staging)
+        try:
+            pos = filled = 0  # bytes written; bytes in the buffer
+            for part in parts:
+                source = ctypes.cast(ctypes.c_char_p(part), ctypes.c_void_p).value \
+                    if isinstance(part, bytes) else None
+                done = 0
+                while done < len(part):
+                    take = min(len(part) - done, DIRECT_BUFFER - filled)
+                    if source is not None:
+                        ctypes.memmove(base + filled, source + done, take)
+                    else:
+                        stage[filled: filled + take] = part[done: done + take]
+                    filled += take
+                    done += take
+                    if filled == DIRECT_BUFFER:
+                        self._write_stage(stage, filled, start + pos)
+                        pos += filled
+                        filled = 0
+            if filled:
+                self._write_stage(stage, filled, start + pos)
+        finally:
+            stage.release()
+
+    def _write_stage(self, stage: memoryview, n: int, offset: int) -> None:
+        written = os.pwrite(self._direct_fd, stage[:n], offset)
+        if written < n:  # the rest, unaligned now, through the page cache
+            _pwrite_all(self._active_fd, [stage[written:n]], offset + written)
 
     def _drop_behind(self) -> None:
         """Start writing the newest appended bytes to the device, and take the bytes
@@ -271,7 +398,13 @@ class DirectoryDisk:
     def _seal(self) -> None:
         if self._active_fd >= 0:
             os.close(self._active_fd)
+        self._close_direct()
         self._active, self._active_fd, self._end = None, -1, 0
+
+    def _close_direct(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+        self._direct_fd = -1
 
     def close(self) -> None:
         with self._append:
@@ -421,7 +554,8 @@ class DirectoryDisk:
         return sorted(out, key=lambda s: s.segment)
 
     def records(self, segment: int) -> Iterator[FragmentRef]:
-        """The live (not freed) fragments of a segment, walked header by header. The walk
+        """The live (not freed) fragments of a segment, walked header by header (zeros
+        where a header would start, before a 4096-byte boundary, are padding). The walk
         stops at a torn or damaged header: what follows it is not listed (so never taken
         for garbage)."""
         try:
@@ -433,6 +567,9 @@ class DirectoryDisk:
             offset = 0
             while offset + fragfmt.HEADER_SIZE <= size:
                 raw = os.pread(fd, fragfmt.HEADER_SIZE, offset)
+                if offset % _BLOCK and not any(raw[:8]):
+                    offset = _round_up(offset)  # padding before a record written direct
+                    continue
                 try:
                     head = fragfmt.parse_header(raw, freed_ok=True)
                 except fragfmt.FragmentError:
@@ -520,6 +657,10 @@ def _absent(header: bytes) -> bool:
     that never reached the disk: a crash can leave a file longer than what was written
     to it)."""
     return header[:8] == fragfmt.FREED_MAGIC or not any(header)
+
+
+def _round_up(offset: int) -> int:
+    return -(-offset // _BLOCK) * _BLOCK
 
 
 def _pwrite_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:

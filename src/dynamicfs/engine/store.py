@@ -148,6 +148,31 @@ class ExtentCache:
                 self.size -= len(data)
 
 
+class PendingWrite:
+    """Fragment writes started by ExtentStore.start_write()."""
+
+    def __init__(self, store: ExtentStore, plans: list[tuple[ExtentInfo, list[bytes]]],
+                 candidates: list[Candidate], futures: list[tuple[int, Future[None]]],
+                 failed: dict[int, OSError] | None) -> None:
+        self._store, self._plans, self._candidates = store, plans, candidates
+        self._futures, self._failed = futures, failed
+
+    def result(self) -> list[WrittenExtent]:
+        """Wait for the writes; fragments whose disk failed the write are written to
+        other disks. On failure nothing is left behind (no live fragments, no space
+        charged) and the error is raised."""
+        store = self._store
+        try:
+            failed = self._failed if self._failed is not None else store._collect(self._futures)
+            if failed:
+                store._replace_failed(self._plans, failed, self._candidates)
+        except BaseException:
+            wait([f for _, f in self._futures])
+            store.discard([WrittenExtent(info) for info, _ in self._plans])
+            raise
+        return [WrittenExtent(info) for info, _ in self._plans]
+
+
 class ExtentStore:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -228,6 +253,12 @@ class ExtentStore:
         Writes start while later extents are still being encoded: a disk's fragments go
         to a worker as soon as WRITE_BATCH bytes are queued for it.
         """
+        return self.start_write(items).result()
+
+    def start_write(self, items: list[tuple[bytes, Policy]]) -> PendingWrite:
+        """write() up to the point where every fragment write has started: the caller
+        may encode its next extents while these reach the disks, then takes the outcome
+        from result(). Raises at once what placement refuses (NoSpaceError)."""
         candidates = self._candidates()
         plans: list[tuple[ExtentInfo, list[bytes]]] = []
         queued: dict[int, list[tuple[FragmentRow, Payload]]] = collections.defaultdict(list)
@@ -248,17 +279,13 @@ class ExtentStore:
                 for disk_id, work in queued.items():
                     futures.append((disk_id, self.executor.submit(self._write_fragments,
                                                                   disk_id, work)))
-                failed = self._collect(futures)
-            else:
-                failed = self._write_per_disk(queued)
-            if failed:
-                self._replace_failed(plans, failed, candidates)
+                return PendingWrite(self, plans, candidates, futures, None)
+            return PendingWrite(self, plans, candidates, [], self._write_per_disk(queued))
         except BaseException:
             # A write that fails leaves nothing behind: no live fragments, no space charged.
             wait([f for _, f in futures])
             self.discard([WrittenExtent(info) for info, _ in plans])
             raise
-        return [WrittenExtent(info) for info, _ in plans]
 
     def _plan(self, data: bytes, policy: Policy,
               candidates: list[Candidate]) -> tuple[ExtentInfo, list[bytes]]:
@@ -323,13 +350,17 @@ class ExtentStore:
                 raise exc
         return failed
 
+    @staticmethod
+    def _write_inline(per_disk: dict[int, list[tuple[FragmentRow, Payload]]]) -> bool:
+        """Whether these writes are best done by the calling thread: nothing worth
+        overlapping (for a few small files thread hand-offs cost more than the writes)."""
+        total = sum(row.size for work in per_disk.values() for row, _ in work)
+        return len(per_disk) == 1 or total <= INLINE_WRITE
+
     def _write_per_disk(self, per_disk: dict[int, list[tuple[FragmentRow, Payload]]]
                         ) -> dict[int, OSError]:
         """One task per disk; returns the disks whose writes failed."""
-        total = sum(row.size for work in per_disk.values() for row, _ in work)
-        if len(per_disk) == 1 or total <= INLINE_WRITE:
-            # Nothing worth overlapping: written here, without thread hand-offs (for a
-            # few small files they cost more than the writes).
+        if self._write_inline(per_disk):
             outcomes: list[tuple[int, BaseException | None]] = []
             for disk_id, work in per_disk.items():
                 try:

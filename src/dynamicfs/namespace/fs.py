@@ -8,10 +8,11 @@ Concurrency rules:
   chunk to an immutable extent; no row is a hole and reads as zeros.
 - Writes land in per-file dirty chunk buffers. A full chunk (or, at release, fsync,
   memory pressure or commit, a partial one) is handed to the flusher thread, which
-  writes it as a new extent outside the lock and then swaps the mapping in one
-  metadata change, freeing the old extent once no file refers to it. Until recorded,
-  the handed-off bytes stay readable from `inflight`. One flusher keeps hand-offs of
-  the same chunk in order.
+  starts writing it as a new extent outside the lock; the recorder thread waits for
+  the writes and swaps the mapping in one metadata change, freeing the old extent once
+  no file refers to it (meanwhile the flusher encodes the next batch). Until recorded,
+  the handed-off bytes stay readable from `inflight`. One flusher and one recorder,
+  taking batches in order, keep hand-offs of the same chunk in order.
 - Durability: fsync() flushes the file's chunks, waits for them, then group-commits
   (fragments synced before the metadata commit: DESIGN invariant 3). A commit timer
   does the same for everything every `commit_interval` seconds.
@@ -38,7 +39,7 @@ from sqlite3 import Connection
 from typing import Any
 
 from dynamicfs.engine.pool import Pool
-from dynamicfs.engine.store import WrittenExtent
+from dynamicfs.engine.store import PendingWrite, WrittenExtent
 from dynamicfs.errors import DynamicFSError, FsError, NoSpaceError, PolicyError
 from dynamicfs.meta.schema import LOST_EXTENT
 from dynamicfs.namespace.types import (
@@ -118,6 +119,22 @@ def _lost(chunk: int) -> FsError:
     return FsError(errno.EIO, f"chunk {chunk} was not stored: its write-back failed")
 
 
+@dataclass
+class _Started:
+    """A batch of hand-offs whose data the flusher has started writing."""
+
+    batch: list[tuple[int, int, bytes]]
+    todo: list[tuple[int, int, bytes]]  # the hand-offs written (not holes, not destroyed)
+    holes: list[tuple[int, int, bytes]]  # all-zero chunks: stored as holes
+    pending: PendingWrite | None
+    failure: int  # errno of a write-back that failed as a whole, else 0
+
+
+def _write_back_failed(exc: FsError | DynamicFSError, todo: list[tuple[int, int, bytes]]) -> int:
+    error("write-back failed", inodes=sorted({t[0] for t in todo}), reason=str(exc))
+    return (exc.errno or errno.EIO) if isinstance(exc, FsError) else errno.EIO
+
+
 class Namespace:
     def __init__(self, pool: Pool, *, commit_interval: float = 5.0) -> None:
         self.pool = pool
@@ -130,6 +147,8 @@ class Namespace:
         self._dirty_bytes = 0
         self._inflight_bytes = 0
         self._queue: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue()
+        # Batches whose writes the flusher started, for the recorder; one waits at most.
+        self._written: queue.Queue[_Started | None] = queue.Queue(maxsize=1)
         self._closing = threading.Event()
         self._hurry = threading.Event()  # someone waits for the flusher: do not linger
         self.commit_interval = commit_interval
@@ -150,7 +169,10 @@ class Namespace:
         self._remove_unlinked()
         self._flusher = threading.Thread(target=self._flush_loop, name="dynamicfs-flusher",
                                          daemon=True)
+        self._recorder = threading.Thread(target=self._record_loop, name="dynamicfs-recorder",
+                                          daemon=True)
         self._flusher.start()
+        self._recorder.start()
         self._committer = threading.Thread(target=self._commit_loop, name="dynamicfs-commit",
                                            daemon=True)
         self._committer.start()
@@ -162,6 +184,7 @@ class Namespace:
         self._closing.set()
         self._queue.put(None)
         self._flusher.join()
+        self._recorder.join()
         self._committer.join()
         self.meta.commit()
 
@@ -985,9 +1008,13 @@ class Namespace:
             self._enqueue(ino, st, chunk, bytes(buf))
 
     def _flush_loop(self) -> None:
+        """Collect hand-offs into batches and start writing them; the recorder thread
+        waits for each batch's writes and records it, in order, while this one encodes
+        the next (their disk writes overlap the next batch's encoding)."""
         while True:
             item = self._queue.get()
             if item is None:
+                self._written.put(None)
                 return
             if item is _HURRY:
                 continue
@@ -1013,18 +1040,29 @@ class Namespace:
                 batch.append(nxt)
                 size += len(nxt[2])
             self._hurry.clear()
-            finished: set[int] = set()
             try:
-                self._flush_batch(batch, finished)
+                started = self._start_batch(batch)
             except BaseException as exc:  # never let the flusher die silently
                 error("flush failed", exc_info=repr(exc))
+                started = _Started(batch, batch, [], None, errno.EIO)  # all lost
+            self._written.put(started)
+
+    def _record_loop(self) -> None:
+        while True:
+            started = self._written.get()
+            if started is None:
+                return
+            finished: set[int] = set()
+            try:
+                self._record_batch(started, finished)
+            except BaseException as exc:  # never let the recorder die silently
+                error("flush failed", exc_info=repr(exc))
                 # Each hand-off is finished exactly once, or pending counts go wrong.
-                rest = [t for t in batch if id(t) not in finished]
+                rest = [t for t in started.batch if id(t) not in finished]
                 self._finish(rest, errno.EIO, [], rest)
 
-    def _flush_batch(self, batch: list[tuple[int, int, bytes]], finished: set[int]) -> None:
-        """Write a batch of hand-offs and record them; adds each item's id() to
-        `finished` once _finish() has accounted for it."""
+    def _start_batch(self, batch: list[tuple[int, int, bytes]]) -> _Started:
+        """Sort a batch of hand-offs into holes and data, and start writing the data."""
         with self.meta.read() as conn:
             info = {}
             for ino in {b[0] for b in batch}:
@@ -1038,22 +1076,29 @@ class Namespace:
             if item[0] not in info:
                 continue
             (holes if self._all_zero(item[2]) else todo).append(item)
-        written = []
-        failure = 0
-        failed: list[tuple[int, int, bytes]] = []
+        if not todo:
+            return _Started(batch, todo, holes, None, 0)
         try:
-            if todo:
-                items = [(data, self.pool.resolve_policy(info[ino][1], info[ino][0]))
-                         for ino, _, data in todo]
-                written = self.store.write(items)
-        except FsError as exc:
-            failure = exc.errno or errno.EIO
-            error("write-back failed", inodes=sorted({t[0] for t in todo}), reason=str(exc))
+            items = [(data, self.pool.resolve_policy(info[ino][1], info[ino][0]))
+                     for ino, _, data in todo]
+            return _Started(batch, todo, holes, self.store.start_write(items), 0)
+        except (FsError, DynamicFSError) as exc:
+            return _Started(batch, todo, holes, None, _write_back_failed(exc, todo))
+
+    def _record_batch(self, started: _Started, finished: set[int]) -> None:
+        """Wait for a started batch's writes and record it; adds each hand-off's id() to
+        `finished` once _finish() has accounted for it."""
+        batch, todo, holes, failure = started.batch, started.todo, started.holes, started.failure
+        written: list[WrittenExtent] = []
+        failed: list[tuple[int, int, bytes]] = []
+        if failure:
             failed, todo = todo, []
-        except DynamicFSError as exc:
-            failure = errno.EIO
-            error("write-back failed", inodes=sorted({t[0] for t in todo}), reason=str(exc))
-            failed, todo = todo, []
+        elif started.pending is not None:
+            try:
+                written = started.pending.result()
+            except (FsError, DynamicFSError) as exc:
+                failure = _write_back_failed(exc, todo)
+                failed, todo = todo, []
         # Recorded in slices, in hand-off order, each under the lock for a short while:
         # FUSE requests waiting for the lock get in between two slices.
         extent_of = {id(t): w for t, w in zip(todo, written, strict=True)}
