@@ -68,7 +68,6 @@ DIRECT_BUFFER = (4 << 20) + _BLOCK
 _ZEROS = bytes(_BLOCK)  # padding
 
 
-
 def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
     if _libc.sync_file_range(fd, offset, length, flags) != 0:
         code = ctypes.get_errno()

@@ -167,8 +167,7 @@ class PendingWrite:
             if failed:
                 store._replace_failed(self._plans, failed, self._candidates)
         except BaseException:
-            wait([f for _, f in self._futures])
-            store.discard([WrittenExtent(info) for info, _ in self._plans])
+            store._abandon(self._plans, self._futures)
             raise
         return [WrittenExtent(info) for info, _ in self._plans]
 
@@ -282,10 +281,14 @@ class ExtentStore:
                 return PendingWrite(self, plans, candidates, futures, None)
             return PendingWrite(self, plans, candidates, [], self._write_per_disk(queued))
         except BaseException:
-            # A write that fails leaves nothing behind: no live fragments, no space charged.
-            wait([f for _, f in futures])
-            self.discard([WrittenExtent(info) for info, _ in plans])
+            self._abandon(plans, futures)
             raise
+
+    def _abandon(self, plans: list[tuple[ExtentInfo, list[bytes]]],
+                 futures: list[tuple[int, Future[None]]]) -> None:
+        """A write that fails leaves nothing behind: no live fragments, no space charged."""
+        wait([f for _, f in futures])
+        self.discard([WrittenExtent(info) for info, _ in plans])
 
     def _plan(self, data: bytes, policy: Policy,
               candidates: list[Candidate]) -> tuple[ExtentInfo, list[bytes]]:
