@@ -170,6 +170,25 @@ def test_large_records_bypass_the_page_cache_on_block_boundaries_and_walk_with_s
     assert list(big.records(1)) == [r for r in refs if r != refs[1]]
 
 
+def test_large_records_asked_not_to_go_direct_are_appended_through_the_page_cache(
+        disk: DirectoryDisk) -> None:
+    """What a rebuild's workers ask for: each brings one record for the same disk."""
+    big = DirectoryDisk(disk.root)
+    payloads = {fid: os.urandom(DIRECT_MIN + fid) for fid in (1, 2)}
+    refs = []
+    for fid, payload in payloads.items():
+        header = fragfmt.make_header(7, fid, 0, payload)
+        segment, offset = big.write_fragment(fid, header, payload, direct=False)
+        refs.append(FragmentRef(fid, segment, offset, len(header) + len(payload)))
+    assert refs[1].offset == refs[0].size  # back to back: no padding to a boundary
+    path = big.segment_path(1)
+    assert _resident(path, 0, refs[1].offset + refs[1].size) > 0.9
+    big.sync(refs)
+    for ref in refs:
+        assert fragfmt.parse(big.read_fragment(ref))[1] == payloads[ref.id]
+    assert list(big.records(1)) == refs
+
+
 def test_a_filesystem_without_o_direct_gets_large_records_through_the_page_cache(
         tmp_path: Path) -> None:
     root = tmp_path / "ram"

@@ -270,6 +270,27 @@ def test_a_fragment_file_holding_another_fragment_is_refused(make_pool: MakePool
         read_fresh(pool, extent_id)
 
 
+@pytest.mark.parametrize("where", ["data", "pyeclib-header"])
+def test_an_ec_read_names_the_damaged_data_fragment(make_pool: MakePool, where: str) -> None:
+    """An ec read checks its k data fragments with one hash of the joined extent; when
+    that fails, each fragment is hashed to find the bad one, which counts against its
+    disk and is repaired, and the extent is decoded from the others."""
+    pool = make_pool(6)
+    data = random.Random(9).randbytes(300 * KiB + 3)
+    (extent_id,) = store(pool, [(data, EC42)])
+    spot = fragment_file(pool, extent_id, 2)
+    # The payload starts with the codec's own header, then this fragment's data part.
+    spot.flip(fragfmt.HEADER_SIZE + (5 if where == "pyeclib-header" else 4000))
+    bad_disk = disk_of(pool, extent_id, 2)
+    before = {d: info.checksum_errors for d, info in pool.disks.items()}
+    assert read_fresh(pool, extent_id) == data
+    after = {d: info.checksum_errors for d, info in pool.disks.items()}
+    assert {d for d in after if after[d] != before[d]} == {bad_disk}
+    assert extent_id in pool.store.repair_wanted
+    assert read_fresh(pool, extent_id) == data  # again: still decoded, counted once
+    assert pool.disks[bad_disk].checksum_errors == after[bad_disk]
+
+
 @pytest.mark.parametrize("fault", ["eio", "bitflip"])
 @pytest.mark.parametrize("policy_name", POLICIES)
 def test_reads_survive_disks_that_fail_or_corrupt_reads(make_pool: MakePool, fault: str,

@@ -150,13 +150,14 @@ class FaultyDisk:
 
     # -- fragments -----------------------------------------------------------
     def write_fragment(self, fragment_id: int, header: bytes, payload: bytes | memoryview,
-                       *, name_segment: Callable[[], int] | None = None) -> tuple[int, int]:
+                       *, name_segment: Callable[[], int] | None = None,
+                       direct: bool = True) -> tuple[int, int]:
         rule = self._fault("write", fragment_id)
         if self.crashed:
             return LOST_LOCATION
         if rule is None:
             return self.inner.write_fragment(fragment_id, header, payload,
-                                             name_segment=name_segment)
+                                             name_segment=name_segment, direct=direct)
         if rule.fault == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if rule.fault == "short":
@@ -167,10 +168,12 @@ class FaultyDisk:
 
     def write_fragments(self, records: Sequence[tuple[int, bytes, bytes | memoryview]],
                         where: list[tuple[int, int]], *,
-                        name_segment: Callable[[], int] | None = None) -> None:
+                        name_segment: Callable[[], int] | None = None,
+                        direct: bool = True) -> None:
         """One write_fragment() each, so that every rule counts fragments as before."""
         for fid, header, payload in records:
-            where.append(self.write_fragment(fid, header, payload, name_segment=name_segment))
+            where.append(self.write_fragment(fid, header, payload, name_segment=name_segment,
+                                             direct=direct))
 
     def read_fragment(self, ref: FragmentRef) -> bytes:
         rule = self._fault("read", ref.id)

@@ -96,10 +96,11 @@ class WrittenExtent:
     info: ExtentInfo
 
 
-def check_fragment(row: FragmentRow, raw: bytes) -> memoryview:
+def check_fragment(row: FragmentRow, raw: bytes, *, hash_payload: bool = True) -> memoryview:
     """The payload of a fragment's bytes, if intact and the fragment the metadata names;
-    raises FragmentError saying what is wrong otherwise."""
-    head, payload = fragfmt.parse(raw)
+    raises FragmentError saying what is wrong otherwise. Without hash_payload, only the
+    header and the length are checked (see fragfmt.parse)."""
+    head, payload = fragfmt.parse(raw, hash_payload=hash_payload)
     if (head.extent_id, head.fragment_id, head.index) != (row.extent_id, row.id, row.index):
         raise fragfmt.FragmentError("header names another fragment")
     if head.checksum != row.checksum:
@@ -315,7 +316,8 @@ class ExtentStore:
                 c.free -= size
         self.pool.disks[disk_id].used += size
 
-    def _write_fragments(self, disk_id: int, work: list[tuple[FragmentRow, Payload]]) -> None:
+    def _write_fragments(self, disk_id: int, work: list[tuple[FragmentRow, Payload]],
+                         direct: bool = True) -> None:
         records = []
         for row, payload in work:
             if not row.checksum:
@@ -325,7 +327,7 @@ class ExtentStore:
             records.append((row.id, header, payload))
         where: list[tuple[int, int]] = []
         try:
-            self.pool.backends[disk_id].write_fragments(records, where)
+            self.pool.backends[disk_id].write_fragments(records, where, direct=direct)
         finally:
             # On failure, those written have a location (to be freed), the rest none.
             info = self.pool.disks[disk_id]
@@ -360,18 +362,19 @@ class ExtentStore:
         total = sum(row.size for work in per_disk.values() for row, _ in work)
         return len(per_disk) == 1 or total <= INLINE_WRITE
 
-    def _write_per_disk(self, per_disk: dict[int, list[tuple[FragmentRow, Payload]]]
-                        ) -> dict[int, OSError]:
-        """One task per disk; returns the disks whose writes failed."""
+    def _write_per_disk(self, per_disk: dict[int, list[tuple[FragmentRow, Payload]]],
+                        direct: bool = True) -> dict[int, OSError]:
+        """One task per disk; returns the disks whose writes failed. `direct`: see
+        DirectoryDisk.write_fragments."""
         if self._write_inline(per_disk):
             outcomes: list[tuple[int, BaseException | None]] = []
             for disk_id, work in per_disk.items():
                 try:
-                    self._write_fragments(disk_id, work)
+                    self._write_fragments(disk_id, work, direct)
                 except OSError as exc:
                     outcomes.append((disk_id, exc))
             return self._failures(outcomes)
-        return self._collect([(d, self.executor.submit(self._write_fragments, d, w))
+        return self._collect([(d, self.executor.submit(self._write_fragments, d, w, direct))
                               for d, w in per_disk.items()])
 
     def _replace_failed(self, plans: list[tuple[ExtentInfo, list[bytes]]],
@@ -555,7 +558,15 @@ class ExtentStore:
         order = self._read_order(info)
         need = info.policy.k
         good: dict[int, Payload] = {}
-        problems = [why for _, why in self._read_until_k(info, order, good, parallel)]
+        problems: list[str] = []
+        tried: list[FragmentRow] = []
+        if info.policy.kind == "ec" and sorted(r.index for r in order[:need]) == list(range(need)):
+            tried = order[:need]  # the data fragments, all there
+            joined = self._read_joined(info, tried, good, problems, parallel)
+            if joined is not None:
+                return joined
+        rest = [r for r in order if r not in tried]
+        problems += [why for _, why in self._read_until_k(info, rest, good, parallel)]
         missing = info.policy.width - len(order)
         if problems or missing > 0:
             self.want_repair(info.id)
@@ -580,8 +591,40 @@ class ExtentStore:
             raise UnreadableError(f"extent {info.id}: decoded bytes fail the extent checksum")
         return data
 
-    def read_fragment(self, row: FragmentRow) -> tuple[Payload | None, str]:
-        """One fragment's payload if it passes every check, else (None, why)."""
+    def _read_joined(self, info: ExtentInfo, data_rows: list[FragmentRow],
+                     good: dict[int, Payload], problems: list[str], parallel: bool
+                     ) -> bytes | None:
+        """An ec extent as its k data fragments' data parts joined, checked by one hash
+        of the result against the extent checksum. The fragments' own hashes would
+        check the same bytes a second time (measured: half the hashing of an ec read);
+        they are computed only when the joined bytes fail or a fragment is missing, to
+        find which fragment is bad. Fragments that pass go into `good`, the reasons of
+        those that do not into `problems`; None when the extent needs more fragments."""
+        unhashed: list[tuple[FragmentRow, Payload]] = []
+        for row, (payload, problem) in self._read_rows(data_rows, parallel, hash_payload=False):
+            if payload is None:
+                problems.append(problem)
+            else:
+                unhashed.append((row, payload))
+        if len(unhashed) == info.policy.k:
+            joined = codecs.join_data(info.policy, {r.index: p for r, p in unhashed},
+                                      info.length)
+            if joined is not None and blake3.blake3(joined).digest() == info.checksum:
+                return joined
+        for row, payload in unhashed:
+            if fragfmt.checksum(payload) == row.checksum:
+                good[row.index] = payload
+            else:
+                self.note_disk_error(row.disk_id, "checksum", "payload checksum mismatch",
+                                     row.id)
+                problems.append(f"fragment {row.index} on disk {row.disk_id}: "
+                                "payload checksum mismatch")
+        return None
+
+    def read_fragment(self, row: FragmentRow, *, hash_payload: bool = True
+                      ) -> tuple[Payload | None, str]:
+        """One fragment's payload if it passes every check, else (None, why). Without
+        hash_payload the caller checks the payload itself (see check_fragment)."""
         backend = self.pool.backends.get(row.disk_id)
         if backend is None:
             return None, f"disk {row.disk_id} is gone"
@@ -601,7 +644,7 @@ class ExtentStore:
             disk.reads += 1
             disk.bytes_read += len(raw)
         try:
-            payload = check_fragment(row, raw)
+            payload = check_fragment(row, raw, hash_payload=hash_payload)
         except fragfmt.FragmentError as exc:
             self.note_disk_error(row.disk_id, "checksum", str(exc), row.id)
             return None, f"fragment {row.index} on disk {row.disk_id}: {exc}"
@@ -789,13 +832,15 @@ class ExtentStore:
             have.update(self._recreate(info, good, need, sums))
         return self._place_rebuilt(info, keep, drop, have, sums)
 
-    def _read_rows(self, rows: list[FragmentRow], parallel: bool = True
+    def _read_rows(self, rows: list[FragmentRow], parallel: bool = True,
+                   hash_payload: bool = True
                    ) -> list[tuple[FragmentRow, tuple[Payload | None, str]]]:
         """Each row with read_fragment()'s answer, in order: read in parallel or, for
         callers that overlap many extents on their own threads, one after another here."""
         if len(rows) <= 1 or not parallel:
-            return [(r, self.read_fragment(r)) for r in rows]
-        futures = [(r, self.executor.submit(self.read_fragment, r)) for r in rows]
+            return [(r, self.read_fragment(r, hash_payload=hash_payload)) for r in rows]
+        futures = [(r, self.executor.submit(self.read_fragment, r, hash_payload=hash_payload))
+                   for r in rows]
         return [(r, f.result()) for r, f in futures]
 
     def _read_until_k(self, info: ExtentInfo, order: list[FragmentRow],
@@ -867,7 +912,8 @@ class ExtentStore:
             self._charge(candidates, chosen[0], size)
             new_rows.append(row)
             per_disk[chosen[0]].append((row, payload))
-        failed = self._write_per_disk(per_disk)
+        # Repair workers each bring one extent's fragments: through the page cache.
+        failed = self._write_per_disk(per_disk, direct=False)
         self.stats["rebuild_bytes"] += sum(r.size for r in new_rows if r.disk_id not in failed)
         unwritten = [r for r in new_rows if r.disk_id in failed]
         while unwritten:
