@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from sqlite3 import Connection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import blake3
 
@@ -96,6 +96,14 @@ class WrittenExtent:
     info: ExtentInfo
 
 
+class FragmentRead(NamedTuple):
+    """What reading one fragment gave (ExtentStore.read_fragment)."""
+
+    payload: Payload | None  # None: unreadable, or it failed a check
+    size: int  # bytes read from the disk
+    problem: str  # why there is no payload: "missing", "unreadable (...)", "corrupt (...)"
+
+
 def check_fragment(row: FragmentRow, raw: bytes, *, hash_payload: bool = True) -> memoryview:
     """The payload of a fragment's bytes, if intact and the fragment the metadata names;
     raises FragmentError saying what is wrong otherwise. Without hash_payload, only the
@@ -108,6 +116,10 @@ def check_fragment(row: FragmentRow, raw: bytes, *, hash_payload: bool = True) -
     if len(raw) != row.size:
         raise fragfmt.FragmentError(f"{len(raw)} bytes, the metadata says {row.size}")
     return payload
+
+
+def _where(row: FragmentRow, problem: str) -> str:
+    return f"fragment {row.index} on disk {row.disk_id}: {problem}"
 
 
 class ExtentCache:
@@ -601,11 +613,11 @@ class ExtentStore:
         find which fragment is bad. Fragments that pass go into `good`, the reasons of
         those that do not into `problems`; None when the extent needs more fragments."""
         unhashed: list[tuple[FragmentRow, Payload]] = []
-        for row, (payload, problem) in self._read_rows(data_rows, parallel, hash_payload=False):
-            if payload is None:
-                problems.append(problem)
+        for row, got in self._read_rows(data_rows, parallel, hash_payload=False):
+            if got.payload is None:
+                problems.append(_where(row, got.problem))
             else:
-                unhashed.append((row, payload))
+                unhashed.append((row, got.payload))
         if len(unhashed) == info.policy.k:
             joined = codecs.join_data(info.policy, {r.index: p for r, p in unhashed},
                                       info.length)
@@ -615,28 +627,26 @@ class ExtentStore:
             if fragfmt.checksum(payload) == row.checksum:
                 good[row.index] = payload
             else:
-                self.note_disk_error(row.disk_id, "checksum", "payload checksum mismatch",
-                                     row.id)
-                problems.append(f"fragment {row.index} on disk {row.disk_id}: "
-                                "payload checksum mismatch")
+                self._note_corrupt(row, "payload checksum mismatch")
+                problems.append(_where(row, "corrupt (payload checksum mismatch)"))
         return None
 
-    def read_fragment(self, row: FragmentRow, *, hash_payload: bool = True
-                      ) -> tuple[Payload | None, str]:
-        """One fragment's payload if it passes every check, else (None, why). Without
-        hash_payload the caller checks the payload itself (see check_fragment)."""
+    def read_fragment(self, row: FragmentRow, *, hash_payload: bool = True) -> FragmentRead:
+        """One fragment's payload if it passes every check (else why not), and the bytes
+        read; a failure counts against the disk. Without hash_payload the caller checks
+        the payload itself (see check_fragment). Reads, repairs and scrub all read here."""
         backend = self.pool.backends.get(row.disk_id)
         if backend is None:
-            return None, f"disk {row.disk_id} is gone"
+            return FragmentRead(None, 0, "the disk is gone")
         self._busy[row.disk_id] += 1
         try:
             raw = backend.read_fragment(row.ref)
         except FileNotFoundError:
             self.note_disk_error(row.disk_id, "missing", f"fragment {row.id:x} missing", row.id)
-            return None, f"fragment {row.index} missing on disk {row.disk_id}"
+            return FragmentRead(None, 0, "missing")
         except OSError as exc:
             self.note_disk_error(row.disk_id, "read", str(exc), row.id)
-            return None, f"fragment {row.index} unreadable on disk {row.disk_id}: {exc.strerror}"
+            return FragmentRead(None, 0, f"unreadable ({exc.strerror})")
         finally:
             self._busy[row.disk_id] -= 1
         disk = self.pool.disks.get(row.disk_id)
@@ -646,9 +656,12 @@ class ExtentStore:
         try:
             payload = check_fragment(row, raw, hash_payload=hash_payload)
         except fragfmt.FragmentError as exc:
-            self.note_disk_error(row.disk_id, "checksum", str(exc), row.id)
-            return None, f"fragment {row.index} on disk {row.disk_id}: {exc}"
-        return payload, ""
+            self._note_corrupt(row, str(exc))
+            return FragmentRead(None, len(raw), f"corrupt ({exc})")
+        return FragmentRead(payload, len(raw), "")
+
+    def _note_corrupt(self, row: FragmentRow, why: str) -> None:
+        self.note_disk_error(row.disk_id, "checksum", f"fragment {row.id:x}: {why}", row.id)
 
     # -- health bookkeeping ------------------------------------------------------
     def note_disk_error(self, disk_id: int, kind: str, detail: str,
@@ -796,7 +809,7 @@ class ExtentStore:
         disks = self.pool.disks
         readable = [r for r in info.fragments
                     if r.disk_id in disks and disks[r.disk_id].readable]
-        read = {r.id: payload for r, (payload, _) in self._read_rows(
+        read = {r.id: got.payload for r, got in self._read_rows(
             [r for r in readable if verify or r.disk_id in evacuate], parallel)}
         good: dict[int, Payload] = {}
         keep: dict[int, FragmentRow] = {}
@@ -834,7 +847,7 @@ class ExtentStore:
 
     def _read_rows(self, rows: list[FragmentRow], parallel: bool = True,
                    hash_payload: bool = True
-                   ) -> list[tuple[FragmentRow, tuple[Payload | None, str]]]:
+                   ) -> list[tuple[FragmentRow, FragmentRead]]:
         """Each row with read_fragment()'s answer, in order: read in parallel or, for
         callers that overlap many extents on their own threads, one after another here."""
         if len(rows) <= 1 or not parallel:
@@ -853,11 +866,11 @@ class ExtentStore:
         while len(good) < info.policy.k and pos < len(order):
             batch = order[pos: pos + info.policy.k - len(good)]
             pos += len(batch)
-            for row, (payload, problem) in self._read_rows(batch, parallel):
-                if payload is not None:
-                    good.setdefault(row.index, payload)
+            for row, got in self._read_rows(batch, parallel):
+                if got.payload is not None:
+                    good.setdefault(row.index, got.payload)
                 else:
-                    bad.append((row, problem))
+                    bad.append((row, _where(row, got.problem)))
         return bad
 
     def _top_up_good(self, info: ExtentInfo, keep: dict[int, FragmentRow],

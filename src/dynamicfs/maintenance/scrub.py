@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING
 
 import blake3
 
-from dynamicfs.disks import fragment as fragfmt
 from dynamicfs.disks import health
 from dynamicfs.disks.label import LabelError, read_label
-from dynamicfs.engine.store import FRAGMENT_COLUMNS, ExtentInfo, FragmentRow, check_fragment
+from dynamicfs.engine.store import FRAGMENT_COLUMNS, ExtentInfo, FragmentRow
 from dynamicfs.errors import DynamicFSError, UnreadableError
 from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.redundancy import codecs
+from dynamicfs.redundancy.codecs import Payload
 from dynamicfs.redundancy.policy import parse_concrete
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def check_extent(pool: Pool, info: ExtentInfo, bad_disks: dict[int, str]) -> Ext
     """Read and check every fragment of one extent; never raises for bad data."""
     policy = info.policy
     problems: list[str] = []
-    good: dict[int, bytes] = {}
+    good: dict[int, Payload] = {}
     fragment_bytes = 0
     disks_seen: set[int] = set()
     indexes_seen: set[int] = set()
@@ -223,7 +223,7 @@ def check_extent(pool: Pool, info: ExtentInfo, bad_disks: dict[int, str]) -> Ext
         if row.disk_id in bad_disks:
             problems.append(f"{where}: {bad_disks[row.disk_id]}")
             continue
-        payload, size, problem = _read_fragment(pool, row)
+        payload, size, problem = pool.store.read_fragment(row)
         fragment_bytes += size
         if payload is not None and policy.kind == "replicate" and (
                 row.checksum != info.checksum or len(payload) != info.length):
@@ -253,29 +253,7 @@ def check_extent(pool: Pool, info: ExtentInfo, bad_disks: dict[int, str]) -> Ext
     return ExtentCheck(info.id, info.length, fragment_bytes, state, problems, ids)
 
 
-def _read_fragment(pool: Pool, row: FragmentRow) -> tuple[bytes | None, int, str]:
-    """(payload, bytes read, '') when the fragment passes every check, else (None, n, why)."""
-    disk = pool.disks[row.disk_id]
-    try:
-        raw = pool.backends[row.disk_id].read_fragment(row.ref)
-    except FileNotFoundError:
-        pool.store.note_disk_error(row.disk_id, "missing", f"fragment {row.id:x} missing", row.id)
-        return None, 0, "missing"
-    except OSError as exc:
-        pool.store.note_disk_error(row.disk_id, "read", str(exc), row.id)
-        return None, 0, f"unreadable ({exc.strerror})"
-    disk.reads += 1
-    disk.bytes_read += len(raw)
-    try:
-        payload = check_fragment(row, raw)
-    except fragfmt.FragmentError as exc:
-        pool.store.note_disk_error(row.disk_id, "checksum", f"fragment {row.id:x}: {exc}",
-                                    row.id)
-        return None, len(raw), f"corrupt ({exc})"
-    return bytes(payload), len(raw), ""
-
-
-def _check_decodes(info: ExtentInfo, good: dict[int, bytes]) -> str:
+def _check_decodes(info: ExtentInfo, good: dict[int, Payload]) -> str:
     """'' when the good fragments give back the extent's bytes, else what went wrong."""
     if info.policy.kind == "replicate":
         return ""  # each good replica was checked against the extent checksum already
