@@ -196,8 +196,7 @@ def cleanup_orphans(pool: Pool, older_than: float = DEFAULT_GRACE) -> CleanupRep
             continue
         deleted += 1
         deleted_bytes += orphan.size
-    compacted, _ = compact_segments(pool, ages, older_than)
-    removed, removed_bytes = _remove_empty_segments(pool, ages, older_than, errors)
+    compacted, removed, removed_bytes = _tidy(pool, ages, older_than, errors)
     freed = 0
     with pool.meta.write() as conn:
         for extent in scan.extents:
@@ -330,12 +329,19 @@ def tidy_segments(pool: Pool, older_than: float = DEFAULT_GRACE) -> tuple[int, i
     DEFAULT_GRACE); returns (segments removed, bytes they held) and logs what could not
     be removed."""
     errors: list[str] = []
-    ages = segment_ages(pool)
-    compact_segments(pool, ages, older_than)
-    removed, removed_bytes = _remove_empty_segments(pool, ages, older_than, errors)
+    _, removed, removed_bytes = _tidy(pool, segment_ages(pool), older_than, errors)
     for err in errors:
         warn("segment not removed", detail=err)
     return removed, removed_bytes
+
+
+def _tidy(pool: Pool, ages: dict[tuple[int, int], float], older_than: float,
+          errors: list[str]) -> tuple[int, int, int]:
+    """compact_segments, then _remove_empty_segments: (segments compacted, segments
+    removed, bytes they held)."""
+    compacted, _ = compact_segments(pool, ages, older_than)
+    removed, removed_bytes = _remove_empty_segments(pool, ages, older_than, errors)
+    return compacted, removed, removed_bytes
 
 
 class SegmentSweeper(Periodic):
