@@ -9,6 +9,7 @@ import mmap
 import multiprocessing
 import os
 import random
+import re
 import stat
 import subprocess
 import tarfile
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fusehelpers import Mount, diff_r, have, mounted_pool, snapshot
+from dynamicfs.fuse.adapter import kernel_keeps_cache_right_around_direct_writes
+from fusehelpers import Mount, cli, diff_r, have, mounted_pool, snapshot
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
@@ -239,6 +241,45 @@ def test_mmap_reads_and_writes_reach_the_pool(fs: Mount, work: Path) -> None:
     assert path.read_bytes() == payload
     fs.remount()  # what the daemon stored, not the kernel's page cache
     assert path.read_bytes() == payload
+
+
+def _getxattr_requests(fs: Mount) -> int:
+    """How many getxattr requests the mount's daemon has answered (`dynamicfs metrics`)."""
+    text = cli("metrics", fs.pool).stdout
+    found = re.search(r'^dynamicfs_fuse_op_seconds_count\{op="getxattr"\} (\S+)$', text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
+def test_write_only_opens_skip_the_page_cache_and_readers_see_their_writes(
+        fs: Mount, work: Path) -> None:
+    """Write-only opens are FOPEN_DIRECT_IO where the kernel keeps other openers' cached
+    pages right (adapter.WRITE_ONLY_DIRECT_SINCE): their writes skip the page cache and
+    with it the `security.capability` getxattr the kernel sends before each cached
+    write; a reader with the file's pages cached, read or mapped, sees each write as
+    soon as it returns."""
+    path = work / "written"
+    expected = bytearray(b"a" * 3 * 4096)
+    writer = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(writer, expected)
+        with open(path, "r+b", buffering=0) as reader, \
+                mmap.mmap(reader.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            assert mapped[:] == expected and reader.read() == expected  # cached now
+            before = _getxattr_requests(fs)
+            for offset, data in ((4000, b"b" * 200), (0, b"c"), (3 * 4096 - 1, b"d")):
+                assert os.pwrite(writer, data, offset) == len(data)
+                expected[offset: offset + len(data)] = data
+                assert os.pread(reader.fileno(), len(expected), 0) == expected
+                assert mapped[:] == expected
+            between = _getxattr_requests(fs)
+            os.pwrite(reader.fileno(), b"e", 1)  # a cached write, for comparison
+            expected[1:2] = b"e"
+            after = _getxattr_requests(fs)
+    finally:
+        os.close(writer)
+    direct = kernel_keeps_cache_right_around_direct_writes()
+    assert (between - before, after - between) == ((0, 1) if direct else (3, 1))
+    assert path.read_bytes() == expected
 
 
 def _renameat2(old: Path, new: Path, flags: int) -> None:

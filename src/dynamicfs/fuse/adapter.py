@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import stat
 import time
 import traceback
@@ -36,6 +37,16 @@ CACHE_TIMEOUT = 1.0
 # 1 ms took 1 GiB ec:4+2 writes from 399 to 443 MiB/s (mean of five pairs) and sent
 # 4% of the 1 MiB writes to a thread instead of 10% (those took 4 ms each).
 INLINE_LOCK_WAIT = 0.001
+# Write-only opens skip the page cache (FOPEN_DIRECT_IO): each write then goes to the
+# daemon without the kernel's copy into page-cache pages and without the
+# `security.capability` getxattr the kernel sends ahead of every cached write. Measured:
+# 1 GiB written under ec:4+2 at 356-455 against 210-289 MiB/s (three pairs), under
+# replicate:3 at 389-443 against 291-324, a tar of 1,179 files (80 MB) extracted in
+# 2.1-2.6 s against 3.3-4.7 s. Other openers of the file keep their cached pages, so
+# this needs a kernel that invalidates those pages around every such write (before
+# it since Linux 6.6, after it since 6.19, backported to 6.18.y in early 2026):
+# elsewhere write-only opens go through the page cache like the rest.
+WRITE_ONLY_DIRECT_SINCE = ((6, 19, 0), (6, 18, 10))
 # Large st_blksize makes cp, dd and friends use large buffers: one FUSE request per MiB.
 BLOCK_SIZE = 1024 * 1024
 READDIR_BATCH = 64
@@ -81,6 +92,17 @@ def _handler(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
                 FUSE_OP_ERRORS.labels(op, errno.errorcode.get(code, str(code))).inc()
 
     return wrapper
+
+
+def kernel_keeps_cache_right_around_direct_writes(release: str | None = None) -> bool:
+    """Whether this Linux (`uname -r`) invalidates cached pages before and after each
+    write through a FOPEN_DIRECT_IO file (see WRITE_ONLY_DIRECT_SINCE)."""
+    digits = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release or os.uname().release)
+    if digits is None:
+        return False
+    version = tuple(int(d or 0) for d in digits.groups())
+    newest, backport = WRITE_ONLY_DIRECT_SINCE
+    return version >= newest or (version[:2] == backport[:2] and version >= backport)
 
 
 class Operations(pyfuse3.Operations):
@@ -138,6 +160,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.ns = namespace
         self.timeout = timeout
+        self.write_only_direct = kernel_keeps_cache_right_around_direct_writes()
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
@@ -227,7 +250,7 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         attr = await self._run_quick(self.ns.create, parent_inode, name, mode, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=attr.ino, keep_cache=True), self._entry(attr)
+        return self._file_info(attr.ino, flags), self._entry(attr)
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -276,9 +299,14 @@ class Operations(pyfuse3.Operations):
             except BaseException:
                 await self._run(self.ns.release, inode)
                 raise
-        # keep_cache: pages of this file stay valid across opens (every change to the
-        # file passes through this mount), so mmap and re-reads are served by the kernel.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return self._file_info(inode, flags)
+
+    def _file_info(self, inode: int, flags: int) -> pyfuse3.FileInfo:
+        """keep_cache: pages of this file stay valid across opens (every change to the
+        file passes through this mount), so mmap and re-reads are served by the kernel.
+        direct_io for write-only opens where the kernel allows it (WRITE_ONLY_DIRECT)."""
+        direct = self.write_only_direct and flags & os.O_ACCMODE == os.O_WRONLY
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=direct)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
