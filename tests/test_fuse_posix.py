@@ -243,6 +243,14 @@ def test_mmap_reads_and_writes_reach_the_pool(fs: Mount, work: Path) -> None:
     assert path.read_bytes() == payload
 
 
+@pytest.mark.parametrize("release, direct", [
+    ("6.18.44-fc-v669", True), ("6.18.10", True), ("6.18.9", False), ("6.19", True),
+    ("7.1.0-rc2", True), ("6.12.80-1-amd64", False), ("5.10.0", False), ("unknown", False)])
+def test_write_only_opens_are_direct_only_on_kernels_that_keep_caches_right(
+        release: str, direct: bool) -> None:
+    assert kernel_keeps_cache_right_around_direct_writes(release) is direct
+
+
 def _getxattr_requests(fs: Mount) -> int:
     """How many getxattr requests the mount's daemon has answered (`dynamicfs metrics`)."""
     text = cli("metrics", fs.pool).stdout

@@ -304,7 +304,7 @@ class Operations(pyfuse3.Operations):
     def _file_info(self, inode: int, flags: int) -> pyfuse3.FileInfo:
         """keep_cache: pages of this file stay valid across opens (every change to the
         file passes through this mount), so mmap and re-reads are served by the kernel.
-        direct_io for write-only opens where the kernel allows it (WRITE_ONLY_DIRECT)."""
+        direct_io for write-only opens where the kernel allows it (WRITE_ONLY_DIRECT_SINCE)."""
         direct = self.write_only_direct and flags & os.O_ACCMODE == os.O_WRONLY
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=direct)
 
