@@ -310,8 +310,9 @@ class DirectoryDisk:
     def _write_staged(self, parts: list[bytes | memoryview], start: int) -> None:
         """Write the concatenation of `parts` (a multiple of 4096 bytes long) at `start`
         through the O_DIRECT descriptor, copied into the aligned staging buffer and
-        written from it, DIRECT_BUFFER bytes at a time. Parts that are bytes are copied
-        by ctypes.memmove, which lets other threads run meanwhile."""
+        written from it, DIRECT_BUFFER bytes at a time. Parts that are bytes or writable
+        memoryviews (erasure-coded fragments) are copied by ctypes.memmove, which lets
+        other threads run meanwhile."""
         if self._staging is None:
             self._staging = mmap.mmap(-1, DIRECT_BUFFER)  # page-aligned, as O_DIRECT needs
             self._staging_at = ctypes.c_char.from_buffer(self._staging)  # its address
@@ -321,8 +322,7 @@ class DirectoryDisk:
         try:
             pos = filled = 0  # bytes written; bytes in the buffer
             for part in parts:
-                source = ctypes.cast(ctypes.c_char_p(part), ctypes.c_void_p).value \
-                    if isinstance(part, bytes) else None
+                source = _address(part)
                 done = 0
                 while done < len(part):
                     take = min(len(part) - done, DIRECT_BUFFER - filled)
@@ -666,6 +666,16 @@ def _absent(header: bytes) -> bool:
     that never reached the disk: a crash can leave a file longer than what was written
     to it)."""
     return header[:8] == fragfmt.FREED_MAGIC or not any(header)
+
+
+def _address(part: bytes | memoryview) -> int | None:
+    """Where a buffer's bytes are, for ctypes.memmove: bytes and writable contiguous
+    memoryviews (the caller keeps `part` alive meanwhile); None for other buffers."""
+    if isinstance(part, bytes):
+        return ctypes.cast(ctypes.c_char_p(part), ctypes.c_void_p).value
+    if not part.readonly and part.c_contiguous and part.nbytes:
+        return ctypes.addressof(ctypes.c_char.from_buffer(part))
+    return None
 
 
 def _round_up(offset: int) -> int:

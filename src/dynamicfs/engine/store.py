@@ -164,7 +164,7 @@ class ExtentCache:
 class PendingWrite:
     """Fragment writes started by ExtentStore.start_write()."""
 
-    def __init__(self, store: ExtentStore, plans: list[tuple[ExtentInfo, list[bytes]]],
+    def __init__(self, store: ExtentStore, plans: list[tuple[ExtentInfo, list[Payload]]],
                  candidates: list[Candidate], futures: list[tuple[int, Future[None]]],
                  failed: dict[int, OSError] | None) -> None:
         self._store, self._plans, self._candidates = store, plans, candidates
@@ -272,7 +272,7 @@ class ExtentStore:
         may encode its next extents while these reach the disks, then takes the outcome
         from result(). Raises at once what placement refuses (NoSpaceError)."""
         candidates = self._candidates()
-        plans: list[tuple[ExtentInfo, list[bytes]]] = []
+        plans: list[tuple[ExtentInfo, list[Payload]]] = []
         queued: dict[int, list[tuple[FragmentRow, Payload]]] = collections.defaultdict(list)
         queued_bytes: collections.Counter[int] = collections.Counter()
         futures: list[tuple[int, Future[None]]] = []
@@ -297,14 +297,14 @@ class ExtentStore:
             self._abandon(plans, futures)
             raise
 
-    def _abandon(self, plans: list[tuple[ExtentInfo, list[bytes]]],
+    def _abandon(self, plans: list[tuple[ExtentInfo, list[Payload]]],
                  futures: list[tuple[int, Future[None]]]) -> None:
         """A write that fails leaves nothing behind: no live fragments, no space charged."""
         wait([f for _, f in futures])
         self.discard([WrittenExtent(info) for info, _ in plans])
 
     def _plan(self, data: bytes, policy: Policy,
-              candidates: list[Candidate]) -> tuple[ExtentInfo, list[bytes]]:
+              candidates: list[Candidate]) -> tuple[ExtentInfo, list[Payload]]:
         payloads = codecs.encode(policy, data)
         size = fragfmt.HEADER_SIZE + len(payloads[0])
         chosen = choose_disks(candidates, policy.width, size)
@@ -389,7 +389,7 @@ class ExtentStore:
         return self._collect([(d, self.executor.submit(self._write_fragments, d, w, direct))
                               for d, w in per_disk.items()])
 
-    def _replace_failed(self, plans: list[tuple[ExtentInfo, list[bytes]]],
+    def _replace_failed(self, plans: list[tuple[ExtentInfo, list[Payload]]],
                         failed: dict[int, OSError], candidates: list[Candidate]) -> None:
         """Move fragments that failed to write to other disks, or drop them (invariant 6)."""
         bad = set(failed)
