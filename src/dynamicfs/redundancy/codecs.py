@@ -165,7 +165,8 @@ class _Buffers:
     and each memoryview (or anything made from one) refers to it while it lives.
 
     At most `keep` bytes of buffers are kept; trim() lets go of those that were not
-    taken since the trim before (the namespace calls it every few seconds)."""
+    taken since the trim before (the namespace calls it every few seconds), back to the
+    allocator for the process's other uses (glibc keeps freed heap: see memory.py)."""
 
     # sys.getrefcount() of a free buffer met in a loop over the pool: the pool's list,
     # the loop variable and getrefcount's own argument.
@@ -217,7 +218,7 @@ _encoders: dict[tuple[int, int], _DirectEncoder | None] = {}
 
 
 def trim_buffers() -> None:
-    """Let go of encoding buffers unused since the last call (for an idle daemon)."""
+    """Let go of encoding buffers unused since the last call (a daemon done writing)."""
     _buffers.trim()
 
 
