@@ -1,4 +1,6 @@
-"""How DynamicFS asks glibc for memory: large buffers are reused, not mapped afresh.
+"""How DynamicFS asks glibc for memory: large buffers are reused, not mapped afresh;
+and where a buffer's bytes are, for the ctypes calls that copy or compute on them
+without the GIL (`buffer_address`).
 
 Every extent passes through buffers of 64 KiB to a few MiB (fragment payloads, erasure
 coding output, FUSE requests). By default glibc serves allocations from 128 KiB up with
@@ -36,3 +38,15 @@ def tune_malloc() -> bool:
         bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     _tuned = ok
     return ok
+
+
+def buffer_address(buf: bytes | bytearray | memoryview) -> int | None:
+    """Where a buffer's bytes are, for ctypes calls (ctypes.memmove, ISA-L), which let
+    go of the GIL: bytes, and writable contiguous buffers (a bytearray, its memoryviews);
+    None for other buffers. The caller keeps `buf` alive while it uses the address."""
+    if isinstance(buf, bytes):
+        return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
+    view = memoryview(buf)
+    if not view.readonly and view.c_contiguous and view.nbytes:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    return None

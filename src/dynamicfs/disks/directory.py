@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 from dynamicfs.disks import fragment as fragfmt
 from dynamicfs.disks.label import LABEL_NAME, Label, LabelError, read_label
+from dynamicfs.memory import buffer_address
 
 SEGMENT_DIR = "segments"
 LEGACY_DIR = "fragments"
@@ -322,7 +323,7 @@ class DirectoryDisk:
         try:
             pos = filled = 0  # bytes written; bytes in the buffer
             for part in parts:
-                source = _address(part)
+                source = buffer_address(part)
                 done = 0
                 while done < len(part):
                     take = min(len(part) - done, DIRECT_BUFFER - filled)
@@ -666,16 +667,6 @@ def _absent(header: bytes) -> bool:
     that never reached the disk: a crash can leave a file longer than what was written
     to it)."""
     return header[:8] == fragfmt.FREED_MAGIC or not any(header)
-
-
-def _address(part: bytes | memoryview) -> int | None:
-    """Where a buffer's bytes are, for ctypes.memmove: bytes and writable contiguous
-    memoryviews (the caller keeps `part` alive meanwhile); None for other buffers."""
-    if isinstance(part, bytes):
-        return ctypes.cast(ctypes.c_char_p(part), ctypes.c_void_p).value
-    if not part.readonly and part.c_contiguous and part.nbytes:
-        return ctypes.addressof(ctypes.c_char.from_buffer(part))
-    return None
 
 
 def _round_up(offset: int) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import importlib.util
 import os
 import struct
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamicfs.errors import UnreadableError
+from dynamicfs.memory import buffer_address
 from dynamicfs.redundancy.policy import Policy
 
 RS_BACKEND = "isa_l_rs_cauchy"
@@ -73,9 +75,11 @@ def encode(policy: Policy, data: Payload) -> list[Payload]:
     return list(_driver(policy.k, policy.m).encode(_bytes(data)))
 
 
+@functools.cache
 def _isal_library() -> ctypes.CDLL | None:
     """The ISA-L library that pyeclib's wheel ships (pyeclib.libs/ beside the package),
-    else the system's; None if neither is there or has the functions needed."""
+    else the system's; None if neither is there or has the functions needed. Looked
+    for once per process."""
     spec = importlib.util.find_spec("pyeclib")
     candidates: list[str] = []
     if spec is not None and spec.origin is not None:
@@ -136,9 +140,9 @@ class _DirectEncoder:
         size, headers = self._layout(len(data))
         step = PYECLIB_HEADER + size
         out = _buffers.take(step * (k + m))
-        base = ctypes.addressof(ctypes.c_char.from_buffer(out))
         source = _bytes(data)
-        at = ctypes.cast(ctypes.c_char_p(source), ctypes.c_void_p).value or 0
+        base, at = buffer_address(out), buffer_address(source)
+        assert base is not None and at is not None
         for i, header in enumerate(headers):
             out[i * step: i * step + PYECLIB_HEADER] = header
             if i < k:  # a data part: its share of the extent, zeros after the end
