@@ -219,3 +219,48 @@ def test_rebuild_without_verify_trusts_fragments_it_did_not_need(make_pool: Pool
     assert pool.store.rebuild(extent_id, verify=True) == "repaired"
     pool.meta.commit()
     assert_whole(pool, extent_id, EC42, data)
+
+
+def test_rebuild_without_verify_fails_and_changes_nothing_when_survivors_are_bad(
+        make_pool: PoolMaker) -> None:
+    # Index 5 is lost and two of the survivors it would be made from are bad: the
+    # re-created fragment fails its recorded checksum, every survivor is then hashed,
+    # and three good ones are too few.
+    pool, extent_id, _ = ec_extent_losing(make_pool, 14, 5)
+    for index in (0, 1):
+        raw = bytearray(fragment_file(pool, extent_id, index).read_bytes())
+        raw[-1] ^= 1
+        fragment_file(pool, extent_id, index).write_bytes(bytes(raw))
+    rows, files = fragments(pool), disk_files(pool)
+    with pytest.raises(UnreadableError):
+        pool.store.rebuild(extent_id, verify=False)
+    pool.meta.commit()
+    assert fragments(pool) == rows
+    assert disk_files(pool) == files
+
+
+def test_a_prepared_rebuild_of_an_extent_rebuilt_meanwhile_is_stale_and_freed(
+        make_pool: PoolMaker) -> None:
+    pool, extent_id, data = ec_extent_losing(make_pool, 15, 3)
+    info = pool.store.load(extent_id)
+    prepared = pool.store.prepare_rebuild(info, verify=False)
+    assert not isinstance(prepared, str) and len(prepared.new_rows) == 1
+    assert pool.store.rebuild(extent_id, verify=False) == "repaired"  # someone else's
+    pool.meta.commit()
+    rows = fragments(pool, extent_id)
+    with pool.meta.write() as conn:
+        assert pool.store.record_rebuilt(conn, prepared) == "stale"
+    pool.meta.commit()
+    pool.store.wait_for_unlinks()
+    assert fragments(pool, extent_id) == rows
+    assert_whole(pool, extent_id, EC42, data)
+    assert_accounting_matches_files(pool)
+
+
+def test_load_many_loads_each_extent_with_its_fragments(make_pool: PoolMaker) -> None:
+    pool = make_pool(6)
+    ids = store(pool, [(bytes([n]) * 5000, EC42 if n % 2 else REP3) for n in range(5)])
+    infos = pool.store.load_many([*ids, 10**9])
+    assert sorted(infos) == sorted(ids)
+    for extent_id in ids:
+        assert infos[extent_id] == pool.store.load(extent_id)

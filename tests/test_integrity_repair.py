@@ -10,11 +10,25 @@ import pytest
 
 from dynamicfs.admin.disks import add_disk, set_disk_health
 from dynamicfs.engine.pool import Pool
-from dynamicfs.maintenance.repair import pending_repairs, persist_repair_wanted, rebuild_pending
+from dynamicfs.maintenance.repair import (
+    LOAD_BATCH,
+    RECORD_BATCH,
+    pending_repairs,
+    persist_repair_wanted,
+    rebuild_pending,
+)
 from dynamicfs.maintenance.scrub import scrub
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.namespace.types import ROOT_INO
-from integrity_support import cli, data_of, fragment_paths, make_pool, read_file, write_files
+from integrity_support import (
+    cli,
+    data_of,
+    flip_byte,
+    fragment_paths,
+    make_pool,
+    read_file,
+    write_files,
+)
 
 DATA = data_of("data", 6 * 64 * 1024)
 
@@ -138,6 +152,48 @@ def test_an_extent_that_cannot_be_rebuilt_stays_queued_as_unreadable(
     with Pool.open(pool_dir) as pool, pool.meta.read() as conn:
         [(reason,)] = conn.execute("SELECT reason FROM repair_queue").fetchall()
     assert reason.startswith("unreadable:")
+
+
+def test_a_failed_disk_with_many_extents_and_mixed_damage_is_rebuilt_in_batches(
+        tmp_path: Path) -> None:
+    # More extents than one load and one record batch hold; among them one whose
+    # survivor is corrupt (found when the re-created fragment fails its checksum), one
+    # that lost too much, and a queued extent that no longer exists.
+    pool_dir = make_pool(tmp_path, disks=7)
+    big = data_of("big", 120 * 64 * 1024)
+    write_files(pool_dir, {"big": big})
+    failed_disk = tmp_path / "disk2"
+    spots = fragment_paths(pool_dir, "big")
+    on_failed = [n for n, frags in enumerate(spots)
+                 if any(s.disk.root == failed_disk for s in frags)]
+    corrupt, lost = on_failed[10], on_failed[70]
+    bad = next(s for s in spots[corrupt][:4] if s.disk.root != failed_disk)
+    flip_byte(bad, 4096)  # in the coded bytes
+    for spot in [s for s in spots[lost] if s.disk.root != failed_disk][:2]:
+        spot.unlink()
+    with Pool.open(pool_dir) as pool:
+        with pool.meta.write() as conn:
+            conn.execute("INSERT INTO repair_queue (extent_id, reason, queued) "
+                         "VALUES (999999, 'test', 0)")
+        set_disk_health(pool, str(failed_disk), "failed")
+        report = rebuild_pending(pool)
+        assert report.pending == len(on_failed) + 1 > LOAD_BATCH + RECORD_BATCH
+        assert (report.repaired, report.already_healthy, report.unreadable) == \
+            (len(on_failed) - 1, 1, 1)
+        assert report.remaining == 1 and report.problems[0].paths == ["/big"]
+        with pool.meta.read() as conn:
+            queued = conn.execute("SELECT extent_id, reason FROM repair_queue").fetchall()
+        assert len(queued) == 1 and queued[0][1].startswith("unreadable:")
+        assert pool.disks[pool_disk_id(pool, bad)].checksum_errors == 1
+        result = scrub(pool)
+        assert (result.unreadable, result.under_redundant) == (1, 0)
+        assert result.healthy == len(spots) - 1
+        assert not bad.exists()  # re-created elsewhere, then freed
+
+
+def pool_disk_id(pool: Pool, spot: object) -> int:
+    root = str(getattr(spot, "disk").root)
+    return next(d.id for d in pool.disks.values() if d.path == root)
 
 
 def test_fragments_on_a_draining_disk_are_left_to_the_drain(tmp_path: Path) -> None:

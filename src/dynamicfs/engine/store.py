@@ -96,6 +96,17 @@ class WrittenExtent:
     info: ExtentInfo
 
 
+@dataclass
+class RebuiltExtent:
+    """A rebuild's fragments on disk (durable at the next commit), not yet recorded:
+    ExtentStore.prepare_rebuild() makes it, record_rebuilt() switches the metadata."""
+
+    info: ExtentInfo  # as loaded before the rebuild
+    kept: int  # fragments that stay where they are
+    new_rows: list[FragmentRow]  # the re-created fragments
+    retire: list[FragmentRow]  # rows the new ones replace, or on disks gone for good
+
+
 class FragmentRead(NamedTuple):
     """What reading one fragment gave (ExtentStore.read_fragment)."""
 
@@ -777,35 +788,74 @@ class ExtentStore:
 
     def rebuild(self, extent_id: int, *, evacuate: frozenset[int] = frozenset(),
                 verify: bool = True, parallel: bool = True) -> str:
-        """rebuild_extent() with counts kept in `stats` (rebuild_attempts, _done, _failed)."""
-        self.stats["rebuild_attempts"] += 1
-        try:
-            outcome = self._rebuild(extent_id, evacuate=evacuate, verify=verify,
-                                    parallel=parallel)
-        except UnreadableError:
-            self.stats["rebuild_failed"] += 1
-            raise
-        if outcome in ("repaired", "partial"):
-            self.stats["rebuild_done"] += 1
-        return outcome
+        """Bring an extent back to full redundancy on healthy disks: prepare_rebuild()
+        then record_rebuilt(). Returns 'healthy' (nothing to do), 'repaired', 'partial'
+        (better but still under-redundant), 'stuck' (no fragment could be placed),
+        'stale' (the extent's fragments changed while it was being rebuilt: nothing was
+        changed, try again) or raises UnreadableError when fewer than k good fragments
+        are left. Counts go into `stats` (rebuild_attempts, _done, _failed)."""
+        prepared = self.prepare_rebuild(self.load(extent_id), evacuate=evacuate,
+                                        verify=verify, parallel=parallel)
+        if isinstance(prepared, str):
+            return prepared
+        with self.meta.write() as conn:
+            return self.record_rebuilt(conn, prepared)
 
-    def _rebuild(self, extent_id: int, *, evacuate: frozenset[int] = frozenset(),
-                 verify: bool = True, parallel: bool = True) -> str:
-        """Bring an extent back to full redundancy on healthy disks.
+    def load_many(self, extent_ids: Iterable[int]) -> dict[int, ExtentInfo]:
+        """load() for many extents under one metadata lock; ids not found are left out."""
+        ids = sorted(set(extent_ids))
+        out: dict[int, ExtentInfo] = {}
+        with self.meta.read() as conn:
+            for at in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+                part = ids[at: at + 500]
+                marks = ",".join("?" * len(part))
+                for extent_id, length, checksum, policy in conn.execute(
+                        f"SELECT id, length, checksum, policy FROM extents WHERE id IN ({marks})",
+                        part):
+                    out[extent_id] = ExtentInfo(extent_id, length, checksum,
+                                                parse_concrete(policy))
+                for f in conn.execute(f"SELECT {FRAGMENT_COLUMNS} FROM fragments WHERE "
+                                      f"extent_id IN ({marks}) ORDER BY extent_id, idx", part):
+                    if f[1] in out:
+                        out[f[1]].fragments.append(FragmentRow(*f))
+        return out
+
+    def prepare_rebuild(self, info: ExtentInfo, *, evacuate: frozenset[int] = frozenset(),
+                        verify: bool = True, parallel: bool = True) -> RebuiltExtent | str:
+        """The disk work of a rebuild, without the metadata: the fragments to re-create
+        are made and written (durable at the next commit, named by no metadata yet), to
+        be recorded by record_rebuilt(); or 'healthy' when there is nothing to do, or
+        'stuck' when nothing could be placed and nothing is to be dropped.
 
         Re-creates fragments that are missing, bad, on disks that do not count for
         redundancy, or on `evacuate` disks. With `verify` every readable fragment is read
         and checked first (the repair of something a read or a scrub found bad); without,
         the metadata says what is missing and only the fragments needed to re-create it
-        are read. Returns 'healthy' (nothing to do), 'repaired', 'partial' (better but
-        still under-redundant), 'stuck' (no fragment could be placed), 'stale' (the
-        extent's fragments changed while it was being rebuilt: nothing was changed, try
-        again) or raises UnreadableError when fewer than k good fragments are left.
-        Callers that rebuild several extents at once on their own threads pass
+        are read. Callers that rebuild several extents at once on their own threads pass
         parallel=False: the fragments are then read one after another on the caller's
-        thread, without thread hops (measured faster for the repair pass).
+        thread, without thread hops (measured faster for the repair pass). Safe to run on
+        several threads at once.
         """
-        info = self.load(extent_id)
+        self.stats["rebuild_attempts"] += 1
+        try:
+            # Without verify, an ec extent's survivors are first read without hashing
+            # them: what is re-created from them is checked against the recorded
+            # checksums of the fragments it replaces, which only the right survivors
+            # reproduce. Failing that, again with every survivor hashed, to find the bad.
+            quick = not verify and info.policy.kind == "ec"
+            prepared = self._prepare(info, evacuate, verify, parallel, hash_survivors=not quick)
+            if prepared is None:
+                prepared = self._prepare(info, evacuate, verify, parallel, hash_survivors=True)
+        except UnreadableError:
+            self.stats["rebuild_failed"] += 1
+            raise
+        assert prepared is not None
+        return prepared
+
+    def _prepare(self, info: ExtentInfo, evacuate: frozenset[int], verify: bool,
+                 parallel: bool, *, hash_survivors: bool) -> RebuiltExtent | str | None:
+        """prepare_rebuild(); None when survivors read without hashing
+        (hash_survivors=False) did not reproduce the recorded fragments."""
         disks = self.pool.disks
         readable = [r for r in info.fragments
                     if r.disk_id in disks and disks[r.disk_id].readable]
@@ -836,13 +886,18 @@ class ExtentStore:
         # row's; a re-created one is hashed once, by _recreate.
         sums = {r.index: r.checksum for r in info.fragments if r.index in have}
         if len(keep) + len(have) < info.policy.width:
-            self._top_up_good(info, keep, drop, good, parallel)
+            self._top_up_good(info, keep, drop, good, parallel, hash_survivors)
         need = [i for i in range(info.policy.width) if i not in keep and i not in have]
         if need:
             if len(good) < info.policy.k:
-                raise UnreadableError(f"extent {extent_id}: {len(good)} of {info.policy.k} "
+                if not hash_survivors:
+                    return None
+                raise UnreadableError(f"extent {info.id}: {len(good)} of {info.policy.k} "
                                       "needed good fragments left")
-            have.update(self._recreate(info, good, need, sums))
+            made = self._recreate(info, good, need, sums, hash_survivors)
+            if made is None:
+                return None
+            have.update(made)
         return self._place_rebuilt(info, keep, drop, have, sums)
 
     def _read_rows(self, rows: list[FragmentRow], parallel: bool = True,
@@ -857,16 +912,17 @@ class ExtentStore:
         return [(r, f.result()) for r, f in futures]
 
     def _read_until_k(self, info: ExtentInfo, order: list[FragmentRow],
-                      good: dict[int, Payload], parallel: bool
+                      good: dict[int, Payload], parallel: bool, hash_payload: bool = True
                       ) -> list[tuple[FragmentRow, str]]:
         """Read fragments in `order`, as many at a time as are still missing, until
-        `good` (index -> payload) holds k; the rows found bad or unreadable, with why."""
+        `good` (index -> payload) holds k; the rows found bad or unreadable, with why.
+        Without hash_payload, `good` holds payloads whose hash nobody checked."""
         bad: list[tuple[FragmentRow, str]] = []
         pos = 0
         while len(good) < info.policy.k and pos < len(order):
             batch = order[pos: pos + info.policy.k - len(good)]
             pos += len(batch)
-            for row, got in self._read_rows(batch, parallel):
+            for row, got in self._read_rows(batch, parallel, hash_payload):
                 if got.payload is not None:
                     good.setdefault(row.index, got.payload)
                 else:
@@ -874,27 +930,39 @@ class ExtentStore:
         return bad
 
     def _top_up_good(self, info: ExtentInfo, keep: dict[int, FragmentRow],
-                     drop: list[FragmentRow], good: dict[int, Payload], parallel: bool) -> None:
+                     drop: list[FragmentRow], good: dict[int, Payload], parallel: bool,
+                     hash_payload: bool = True) -> None:
         """Read kept fragments not read yet until k are good; one found bad is dropped
         (so it is re-created too)."""
         order = [r for r in self._read_order(info)
                  if keep.get(r.index) is r and r.index not in good]
-        for row, _ in self._read_until_k(info, order, good, parallel):
+        for row, _ in self._read_until_k(info, order, good, parallel, hash_payload):
             del keep[row.index]
             drop.append(row)
 
     def _recreate(self, info: ExtentInfo, good: dict[int, Payload], need: list[int],
-                  sums: dict[int, bytes]) -> dict[int, Payload]:
+                  sums: dict[int, bytes], checked: bool = True) -> dict[int, Payload] | None:
         """The payloads at `need`, re-created from good fragments and checked: against the
         lost fragment's recorded checksum when there is one, else by decoding the extent
-        and checking its checksum. Their checksums go into `sums`."""
-        made = codecs.reconstruct(info.policy, good, need)
+        and checking its checksum. Their checksums go into `sums`. With `checked` False
+        the payloads in `good` were not hashed: None unless every re-created payload
+        matches a recorded checksum (an extent code's re-created fragment depends on
+        every byte of each of the k fragments it was made from, so only the right ones
+        reproduce it)."""
+        try:
+            made = codecs.reconstruct(info.policy, good, need)
+        except UnreadableError:
+            if checked:
+                raise
+            return None  # a bad survivor, perhaps: find it by hashing them
         if info.policy.kind == "replicate":
             return made  # a copy of a fragment whose checksum (the extent's) was checked
         recorded = {r.index: r.checksum for r in info.fragments}
         sums.update((i, fragfmt.checksum(p)) for i, p in made.items())
         if all(recorded.get(i) == sums[i] for i in made):
             return made
+        if not checked:
+            return None
         data = codecs.decode(info.policy, good, info.length)
         if blake3.blake3(data).digest() != info.checksum:
             raise UnreadableError(f"extent {info.id}: surviving fragments disagree")
@@ -902,7 +970,7 @@ class ExtentStore:
 
     def _place_rebuilt(self, info: ExtentInfo, keep: dict[int, FragmentRow],
                        drop: list[FragmentRow], payloads: dict[int, Payload],
-                       sums: dict[int, bytes]) -> str:
+                       sums: dict[int, bytes]) -> RebuiltExtent | str:
         candidates = self._candidates()
         used = {r.disk_id for r in keep.values()}
         # A dropped row on a readable disk stays unless its index gets a new home; until
@@ -943,22 +1011,32 @@ class ExtentStore:
         # gone for good, are dropped; the rest stay until a later rebuild can move them.
         retire = [r for r in drop if r.index in placed or r.disk_id not in self.pool.disks
                   or not self.pool.disks[r.disk_id].readable]
-        with self.meta.write() as conn:
-            # The extent was read without the metadata lock: if it has been freed,
-            # rewritten or rebuilt by someone else since, this rebuild is void.
-            now = {row[0] for row in conn.execute(
-                "SELECT id FROM fragments WHERE extent_id = ?", (info.id,))}
-            if now != {r.id for r in info.fragments}:
-                for row in new_rows:
-                    self.pool.disks[row.disk_id].used -= row.size
-                self._unlink_unrecorded(new_rows)
-                return "stale"
-            conn.executemany("DELETE FROM fragments WHERE id = ?", [(r.id,) for r in retire])
-            self._release_fragments(conn, [(r.disk_id, r.ref) for r in retire])
-            self.record_fragments(conn, new_rows)
-            conn.execute("DELETE FROM repair_queue WHERE extent_id = ?", (info.id,))
-        complete = len(keep) + len(new_rows) >= info.policy.width
-        return "repaired" if complete and new_rows else ("partial" if new_rows else "stuck")
+        if not new_rows and not retire:
+            return "stuck"
+        return RebuiltExtent(info, len(keep), new_rows, retire)
+
+    def record_rebuilt(self, conn: Connection, rebuilt: RebuiltExtent) -> str:
+        """Switch the metadata to a prepared rebuild (inside the caller's write()):
+        'repaired', 'partial' or 'stuck' as for rebuild(); 'stale', with the new
+        fragments freed, when the extent was freed, rewritten or rebuilt by someone else
+        since it was loaded."""
+        info, new_rows = rebuilt.info, rebuilt.new_rows
+        now = {row[0] for row in conn.execute(
+            "SELECT id FROM fragments WHERE extent_id = ?", (info.id,))}
+        if now != {r.id for r in info.fragments}:
+            for row in new_rows:
+                self.pool.disks[row.disk_id].used -= row.size
+            self._unlink_unrecorded(new_rows)
+            return "stale"
+        retire = rebuilt.retire
+        conn.executemany("DELETE FROM fragments WHERE id = ?", [(r.id,) for r in retire])
+        self._release_fragments(conn, [(r.disk_id, r.ref) for r in retire])
+        self.record_fragments(conn, new_rows)
+        conn.execute("DELETE FROM repair_queue WHERE extent_id = ?", (info.id,))
+        if not new_rows:
+            return "stuck"
+        self.stats["rebuild_done"] += 1
+        return "repaired" if rebuilt.kept + len(new_rows) >= info.policy.width else "partial"
 
     # -- moving fragments between segments ----------------------------------------------
     def move_fragments(self, disk_id: int, rows: list[FragmentRow]) -> tuple[int, int]:
