@@ -30,6 +30,7 @@ from dynamicfs.admin import registry
 from dynamicfs.disks.directory import FragmentRef
 from dynamicfs.disks.label import LABEL_NAME
 from dynamicfs.engine.pool import Pool
+from dynamicfs.maintenance.parallel import LOAD_BATCH, RECORD_BATCH
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.namespace.types import ROOT_INO
 
@@ -319,3 +320,34 @@ def test_removing_a_dead_disk_rebuilds_its_fragments_from_the_others(
     status = json.loads(run(capsys, "status", pool_dir, "--json")[1])
     assert status["extents"] == status["healthy"]
     assert read_files(pool_dir, list(files)) == files
+
+
+def test_remove_disk_moves_many_extents_in_batches_and_re_creates_a_bad_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # More extents on the disk than one load and one record batch hold, one of whose
+    # fragments there is corrupt: it is re-created from the other replicas instead.
+    pool_dir = make_pool(tmp_path, [None] * 4, policy="replicate:3", extent_size=64 * 1024)
+    files = {"/f": data_of("f", 8 * MiB)}
+    write_files(pool_dir, files)
+    on_disk = sql(pool_dir, "SELECT id, segment, offset, size FROM fragments "
+                            "WHERE disk_id = 1 ORDER BY id")
+    assert len(on_disk) > LOAD_BATCH + RECORD_BATCH
+    fid, segment, offset, size = on_disk[40]
+    with Pool.open(pool_dir) as pool:
+        spot = pool.backends[1].segment_path(segment)
+    raw = bytearray(spot.read_bytes())
+    raw[offset + size - 100] ^= 0xFF
+    spot.write_bytes(bytes(raw))
+
+    code, out, err = run(capsys, "remove-disk", pool_dir, "1", "--json")
+
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["removed"] and report["fragments_moved"] == len(on_disk)
+    assert sql(pool_dir, "SELECT count(*) FROM fragments WHERE disk_id = 1") == [(0,)]
+    _no_extent_twice_on_a_disk(pool_dir)
+    _every_fragment_row_has_its_file(pool_dir)
+    assert read_files(pool_dir, list(files)) == files
+    code, out, err = run(capsys, "scrub", pool_dir, "--json")  # no corrupt copy anywhere
+    assert code == 0, out + err
+    assert json.loads(out)["healthy"] == 128

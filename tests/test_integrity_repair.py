@@ -10,16 +10,12 @@ import pytest
 
 from dynamicfs.admin.disks import add_disk, set_disk_health
 from dynamicfs.engine.pool import Pool
-from dynamicfs.maintenance.repair import (
-    LOAD_BATCH,
-    RECORD_BATCH,
-    pending_repairs,
-    persist_repair_wanted,
-    rebuild_pending,
-)
+from dynamicfs.maintenance.parallel import LOAD_BATCH, RECORD_BATCH
+from dynamicfs.maintenance.repair import pending_repairs, persist_repair_wanted, rebuild_pending
 from dynamicfs.maintenance.scrub import scrub
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.namespace.types import ROOT_INO
+from fragment_spot import FragmentSpot
 from integrity_support import (
     cli,
     data_of,
@@ -191,8 +187,8 @@ def test_a_failed_disk_with_many_extents_and_mixed_damage_is_rebuilt_in_batches(
         assert not bad.exists()  # re-created elsewhere, then freed
 
 
-def pool_disk_id(pool: Pool, spot: object) -> int:
-    root = str(getattr(spot, "disk").root)
+def pool_disk_id(pool: Pool, spot: FragmentSpot) -> int:
+    root = str(spot.disk.root)
     return next(d.id for d in pool.disks.values() if d.path == root)
 
 

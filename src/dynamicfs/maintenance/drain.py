@@ -5,10 +5,11 @@ every extent the disk holds part of: each extent must keep at least its policy's
 minimum of fragments (DESIGN invariant 6) on distinct disks (invariant 1) with room
 for them, and must still be readable. `drain_disk` then marks the disk draining (no new
 fragments go there; it is still read from), re-creates its fragments through
-`ExtentStore.rebuild(evacuate=...)`, DRAIN_WORKERS extents at a time (a rebuild that
-finds its extent changed by the namespace meanwhile is void and tried again), commits
-every DRAIN_COMMIT_EXTENTS extents or DRAIN_COMMIT_BYTES bytes so an interrupted drain
-resumes where it stopped, and finally deletes the disk's row and its label.
+`ExtentStore.prepare_rebuild(evacuate=...)`, DRAIN_WORKERS extents at a time
+(parallel.rebuild_in_batches; a rebuild that finds its extent changed by the namespace
+meanwhile is void and tried again), commits every DRAIN_COMMIT_EXTENTS extents or
+DRAIN_COMMIT_BYTES bytes so an interrupted drain resumes where it stopped, and finally
+deletes the disk's row and its label.
 
 Invariant 7 is kept by the caller: a drain that would leave an extent below its
 minimum runs only when forced; the extents at stake are named in the plan and in
@@ -21,16 +22,15 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from sqlite3 import Connection
 from typing import TYPE_CHECKING
 
 from dynamicfs.disks import health
 from dynamicfs.disks.label import LABEL_NAME
-from dynamicfs.errors import UnreadableError
+from dynamicfs.engine.store import ExtentInfo, RebuiltExtent
 from dynamicfs.maintenance.metacopy import METADATA_DIR
-from dynamicfs.maintenance.parallel import in_order
+from dynamicfs.maintenance.parallel import Outcome, rebuild_in_batches
 from dynamicfs.placement.placement import Candidate, choose_disks
 from dynamicfs.redundancy.policy import Policy, parse_concrete
 
@@ -45,7 +45,7 @@ DRAIN_COMMIT_BYTES = 256 * 1024 * 1024
 # Extents rebuilt at once: one's reads and hashing overlap another's writes.
 DRAIN_WORKERS = 4
 REPAIR_REASON = "under-redundant after disk {disk} left the pool"
-# What became of one extent (_move_extent).
+# What became of one extent (_moved).
 MOVED, GONE, STUCK, STALE = "moved", "gone", "stuck", "stale"
 
 
@@ -200,23 +200,34 @@ def drain_disk(pool: Pool, disk_id: int, *, force: bool = False,
     # before the disk became draining may still land there, and an extent whose rebuild
     # was void (the namespace changed it meanwhile) is tried again. The last check and
     # the removal run under the metadata lock, so no such write can be recorded between.
-    with ThreadPoolExecutor(DRAIN_WORKERS, thread_name_prefix="dynamicfs-drain") as workers:
-        while True:
-            pending = _pending(pool, disk_id, unmovable)
-            if not pending:
-                with pool.meta.lock:
-                    if _pending(pool, disk_id, unmovable):
-                        continue
-                    result.extents = done
-                    pool.meta.commit()
-                    _settle_leftovers(pool, disk_id, force, result)
-                    if not result.stuck:
-                        _forget_disk(pool, disk_id, result)
-                    pool.meta.commit()
-                return result
-            for extent_id, (outcome, moved, nbytes) in in_order(
-                    workers, pending, lambda e: _move_extent(pool, e, disk_id),
-                    2 * DRAIN_WORKERS):
+    evacuate = frozenset({disk_id})
+
+    def prepare(_: int, info: ExtentInfo) -> RebuiltExtent | str:
+        if not any(r.disk_id == disk_id for r in info.fragments):
+            return GONE  # moved off meanwhile: nothing to do
+        return pool.store.prepare_rebuild(info, evacuate=evacuate, verify=False,
+                                          parallel=False)
+
+    def settle(conn: Connection, _: int, info: ExtentInfo | None,
+               outcome: Outcome) -> tuple[str, int, int]:
+        return _moved(conn, info, outcome, disk_id)
+
+    while True:
+        pending = _pending(pool, disk_id, unmovable)
+        if not pending:
+            with pool.meta.lock:
+                if _pending(pool, disk_id, unmovable):
+                    continue
+                result.extents = done
+                pool.meta.commit()
+                _settle_leftovers(pool, disk_id, force, result)
+                if not result.stuck:
+                    _forget_disk(pool, disk_id, result)
+                pool.meta.commit()
+            return result
+        for batch in rebuild_in_batches(pool, pending, lambda e: e, prepare, settle,
+                                        threads=DRAIN_WORKERS, name="dynamicfs-drain"):
+            for extent_id, (outcome, moved, nbytes) in batch:
                 if outcome == STALE:
                     continue
                 if outcome == STUCK:
@@ -226,12 +237,11 @@ def drain_disk(pool: Pool, disk_id: int, *, force: bool = False,
                 done += 1
                 total = max(total, done)
                 since_commit = (since_commit[0] + 1, since_commit[1] + nbytes)
-                if (since_commit[0] >= DRAIN_COMMIT_EXTENTS
-                        or since_commit[1] >= DRAIN_COMMIT_BYTES):
-                    pool.meta.commit()
-                    since_commit = (0, 0)
                 if progress is not None:
                     progress(done, total, f"extent {extent_id}")
+            if since_commit[0] >= DRAIN_COMMIT_EXTENTS or since_commit[1] >= DRAIN_COMMIT_BYTES:
+                pool.meta.commit()
+                since_commit = (0, 0)
 
 
 def _pending(pool: Pool, disk_id: int, skip: set[int]) -> list[int]:
@@ -242,33 +252,29 @@ def _pending(pool: Pool, disk_id: int, skip: set[int]) -> list[int]:
     return [row[0] for row in rows if row[0] not in skip]
 
 
-def _move_extent(pool: Pool, extent_id: int, disk_id: int) -> tuple[str, int, int]:
-    """Rebuild one extent away from the disk: (outcome, fragments moved, bytes moved).
+def _moved(conn: Connection, info: ExtentInfo | None, outcome: Outcome,
+           disk_id: int) -> tuple[str, int, int]:
+    """What became of an extent rebuilt away from the disk, once recorded: (outcome,
+    fragments moved, bytes moved).
 
-    Outcomes: moved; gone (freed meanwhile, its rows went with it); stuck (a fragment
-    stays on the disk: no room elsewhere, or the extent cannot be read); stale (the
-    extent changed while it was rebuilt, nothing was done: try again).
+    Outcomes: moved; gone (freed meanwhile, its rows went with it, or nothing of it
+    was left on the disk); stuck (a fragment stays on the disk: no room elsewhere, or
+    the extent cannot be read); stale (the extent changed while it was rebuilt,
+    nothing was done: try again).
     """
-    with pool.meta.read() as conn:
-        before = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM fragments "
-                              "WHERE extent_id = ? AND disk_id = ?",
-                              (extent_id, disk_id)).fetchone()
-    if not before[0]:
+    before = [r for r in info.fragments if r.disk_id == disk_id] if info is not None else []
+    if info is None or not before or outcome == GONE:
         return GONE, 0, 0
-    try:
-        outcome = pool.store.rebuild(extent_id, evacuate=frozenset({disk_id}), verify=False)
-    except UnreadableError:
-        with pool.meta.read() as conn:
-            exists = conn.execute("SELECT 1 FROM extents WHERE id = ?", (extent_id,)).fetchone()
-        return (STUCK if exists else GONE), 0, 0
     if outcome == STALE:
         return STALE, 0, 0
-    with pool.meta.read() as conn:
-        left = conn.execute("SELECT count(*) FROM fragments WHERE extent_id = ? AND disk_id = ?",
-                            (extent_id, disk_id)).fetchone()[0]
+    if not isinstance(outcome, str):  # an error: the extent stays where it is
+        exists = conn.execute("SELECT 1 FROM extents WHERE id = ?", (info.id,)).fetchone()
+        return (STUCK if exists else GONE), 0, 0
+    left = conn.execute("SELECT count(*) FROM fragments WHERE extent_id = ? AND disk_id = ?",
+                        (info.id, disk_id)).fetchone()[0]
     if left:
         return STUCK, 0, 0
-    return MOVED, int(before[0]), int(before[1])
+    return MOVED, len(before), sum(r.size for r in before)
 
 
 def _settle_leftovers(pool: Pool, disk_id: int, force: bool, result: DrainResult) -> None:

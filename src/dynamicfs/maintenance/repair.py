@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from sqlite3 import Connection
 from typing import TYPE_CHECKING
 
 from dynamicfs.disks import health
-from dynamicfs.engine.store import ExtentInfo, RebuiltExtent
+from dynamicfs.engine.store import ExtentInfo
 from dynamicfs.errors import DynamicFSError, UnreadableError
-from dynamicfs.maintenance.parallel import in_order
+from dynamicfs.maintenance.parallel import Outcome, rebuild_in_batches
 from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.maintenance.scrub import blocker_note, rebuild, repair_blockers
 from dynamicfs.redundancy.policy import parse_concrete
@@ -50,8 +49,6 @@ COMMIT_SECONDS = 1.0
 # disks as busy as four did here and spent less time handing the GIL around
 # (1,024 ec:4+2 extents: 0.9-1.1 s against 1.1-1.35 s, page cache cold or warm).
 REPAIR_WORKERS = 2
-LOAD_BATCH = 64  # extents whose metadata is loaded under one lock
-RECORD_BATCH = 16  # rebuilt extents recorded under one lock
 # Extents a report lists (with their files); all are counted.
 MAX_LISTED = 1000
 READ_ERROR = "read found a bad or missing fragment"
@@ -173,12 +170,8 @@ def pending_repairs(pool: Pool) -> list[PendingExtent]:
 def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | None = None,
                     *, commit_every: int = COMMIT_EVERY,
                     should_stop: Callable[[], bool] | None = None) -> RepairReport:
-    """Repair queued and under-redundant extents (at most `limit`), least redundant first.
-
-    This thread loads the extents' metadata LOAD_BATCH at a time and records the
-    workers' results RECORD_BATCH at a time; the workers read, re-create and write
-    fragments without taking the metadata lock (two lock round trips per extent on
-    each worker kept them waiting a quarter of the time)."""
+    """Repair queued and under-redundant extents (at most `limit`), least redundant first,
+    REPAIR_WORKERS at a time (parallel.rebuild_in_batches)."""
     start = time.monotonic()
     items = pending_repairs(pool)
     todo = items if limit is None else items[:limit]
@@ -209,18 +202,12 @@ def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | N
             pool.meta.commit()
             since, committed = 0, time.monotonic()
 
-    with ThreadPoolExecutor(REPAIR_WORKERS, thread_name_prefix="dynamicfs-repair") as workers:
-        loaded = _loaded(pool, itertools.takewhile(go_on, todo))
-        # Enough in flight that the workers go on while this thread records a batch.
-        results = in_order(workers, loaded, lambda job: _prepare(pool, *job),
-                           RECORD_BATCH + 2 * REPAIR_WORKERS)
-        batch: list[tuple[PendingExtent, Prepared]] = []
-        for (item, _), result in results:
-            batch.append((item, result))
-            if len(batch) >= RECORD_BATCH:
-                tally(_record(pool, batch))
-                batch = []
-        tally(_record(pool, batch))
+    for done in rebuild_in_batches(
+            pool, itertools.takewhile(go_on, todo), lambda item: item.extent_id,
+            lambda item, info: pool.store.prepare_rebuild(info, verify=item.verify,
+                                                          parallel=False),
+            _settle, threads=REPAIR_WORKERS, name="dynamicfs-repair"):
+        tally(_retry_stale(pool, done))
     pool.meta.commit()
     if progress is not None:
         progress(attempted, len(todo), "")
@@ -234,59 +221,31 @@ def rebuild_pending(pool: Pool, progress: Progress | None = None, limit: int | N
                         round(time.monotonic() - start, 3), problems, notes)
 
 
-# What a worker made of one extent: a rebuild to record, an outcome of ExtentStore.rebuild
-# ('gone' when the extent was freed since it was queued), or what stopped it.
-Prepared = RebuiltExtent | str | DynamicFSError | OSError
+def _retry_stale(pool: Pool, done: list[tuple[PendingExtent, tuple[str, str] | None]]
+                 ) -> list[tuple[PendingExtent, tuple[str, str]]]:
+    """The settled batch, with each extent that changed while it was rebuilt (settled
+    as None) tried again on its own (ExtentStore.rebuild, a few times)."""
+    out: list[tuple[PendingExtent, tuple[str, str]]] = []
+    for item, settled in done:
+        if settled is None:
+            result: Outcome
+            try:
+                result = rebuild(pool, item.extent_id, verify=item.verify, parallel=False)
+            except (DynamicFSError, OSError) as exc:
+                result = exc
+            with pool.meta.write() as conn:
+                settled = _settle(conn, item, None, result, retried=True)
+            assert settled is not None
+        out.append((item, settled))
+    return out
 
 
-def _loaded(pool: Pool, items: Iterable[PendingExtent]
-            ) -> Iterator[tuple[PendingExtent, ExtentInfo | None]]:
-    """Each item with its extent's metadata (None if freed), loaded LOAD_BATCH at a time."""
-    it = iter(items)
-    while batch := list(itertools.islice(it, LOAD_BATCH)):
-        infos = pool.store.load_many(item.extent_id for item in batch)
-        for item in batch:
-            yield item, infos.get(item.extent_id)
-
-
-def _prepare(pool: Pool, item: PendingExtent, info: ExtentInfo | None) -> Prepared:
-    if info is None:
-        return "gone"
-    try:
-        # The workers overlap many extents: each reads its fragments without thread hops.
-        return pool.store.prepare_rebuild(info, verify=item.verify, parallel=False)
-    except (DynamicFSError, OSError) as exc:
-        return exc
-
-
-def _record(pool: Pool, batch: list[tuple[PendingExtent, Prepared]]
-            ) -> list[tuple[PendingExtent, tuple[str, str]]]:
-    """Record a batch of worker results under one metadata lock; (item, (outcome,
-    detail)) for each. An extent that changed while it was rebuilt is tried again
-    on its own (ExtentStore.rebuild, a few times)."""
-    done: list[tuple[PendingExtent, tuple[str, str]]] = []
-    stale: list[PendingExtent] = []
-    with pool.meta.write() as conn:
-        for item, result in batch:
-            if isinstance(result, RebuiltExtent):
-                result = pool.store.record_rebuilt(conn, result)
-            if result == "stale":
-                stale.append(item)
-            else:
-                done.append((item, _settle(conn, item, result)))
-    for item in stale:
-        try:
-            result = rebuild(pool, item.extent_id, verify=item.verify, parallel=False)
-        except (DynamicFSError, OSError) as exc:
-            result = exc
-        with pool.meta.write() as conn:
-            done.append((item, _settle(conn, item, result)))
-    return done
-
-
-def _settle(conn: Connection, item: PendingExtent,
-            result: str | DynamicFSError | OSError) -> tuple[str, str]:
-    """(outcome, detail) of a rebuild's result; what is not fixed stays queued, with why."""
+def _settle(conn: Connection, item: PendingExtent, info: ExtentInfo | None, result: Outcome,
+            *, retried: bool = False) -> tuple[str, str] | None:
+    """(outcome, detail) of a rebuild's result, what is not fixed staying queued with
+    why; None for an extent that changed meanwhile, to be tried again."""
+    if result == "stale" and not retried:
+        return None
     if isinstance(result, UnreadableError):
         return _requeue(conn, item, f"unreadable: {result}", "unreadable", str(result))
     if isinstance(result, (DynamicFSError, OSError)):
