@@ -6,6 +6,7 @@ size and per number of healthy disks, to a concrete `replicate:N` or `ec:K+M`.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -65,8 +66,10 @@ def ec(k: int, m: int) -> Policy:
     return Policy("ec", k, m)
 
 
+@functools.lru_cache(maxsize=256)  # the write path parses each extent's policy
 def parse_policy(text: str, allow_auto: bool = True) -> Policy | str:
-    """Parse a policy string. Returns AUTO or a Policy; raises PolicyError with a hint."""
+    """Parse a policy string. Returns AUTO or a Policy (immutable, so shared); raises
+    PolicyError with a hint."""
     value = text.strip().lower()
     if value == AUTO and allow_auto:
         return AUTO
