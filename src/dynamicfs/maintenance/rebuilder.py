@@ -15,6 +15,7 @@ pass is going (done, total, rate, estimate of the time left) for `status`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -24,11 +25,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dynamicfs.disks import health
+from dynamicfs.engine.store import ExtentInfo, RebuiltExtent
 from dynamicfs.errors import DynamicFSError
-from dynamicfs.maintenance.repair import pending_repairs, persist_repair_wanted, rebuild_pending
+from dynamicfs.maintenance.parallel import Outcome, rebuild_in_batches
+from dynamicfs.maintenance.repair import (
+    REPAIR_WORKERS,
+    pending_repairs,
+    persist_repair_wanted,
+    rebuild_pending,
+)
 from dynamicfs.observability.log import error, log
 
 if TYPE_CHECKING:
+    from sqlite3 import Connection
+
     from dynamicfs.engine.pool import Pool
 
 STATE_FILE = "rebuild.json"
@@ -145,7 +155,7 @@ class BackgroundRebuild:
         os.replace(tmp, path)
 
     def _drain_suspects(self) -> bool:
-        """Move up to ROUND fragments off suspect disks; True if any moved."""
+        """Move up to ROUND extents' fragments off suspect disks; True if any moved."""
         suspects = frozenset(d.id for d in self.pool.disks.values()
                              if d.state == health.SUSPECT)
         if not suspects:
@@ -154,15 +164,20 @@ class BackgroundRebuild:
         with self.pool.meta.read() as conn:
             rows = conn.execute(f"SELECT DISTINCT extent_id FROM fragments WHERE disk_id IN "
                                 f"({marks}) LIMIT ?", (*suspects, ROUND)).fetchall()
-        moved = 0
-        for (extent_id,) in rows:
-            if self._stop.is_set():
-                break
-            try:
-                if self.pool.store.rebuild(extent_id, evacuate=suspects) == "repaired":
-                    moved += 1
-            except (DynamicFSError, OSError) as exc:
+
+        def prepare(_: int, info: ExtentInfo) -> RebuiltExtent | str:
+            return self.pool.store.prepare_rebuild(info, evacuate=suspects)
+
+        def settle(_: Connection, extent_id: int, __: ExtentInfo | None,
+                   outcome: Outcome) -> bool:
+            if isinstance(outcome, (DynamicFSError, OSError)):
                 log("could not move extent off a suspect disk", extent=extent_id,
-                    reason=str(exc))
+                    reason=str(outcome))
+            return outcome == "repaired"
+
+        extents = itertools.takewhile(lambda _: not self._stop.is_set(), (r[0] for r in rows))
+        moved = sum(ok for batch in rebuild_in_batches(
+            self.pool, extents, lambda e: e, prepare, settle, threads=REPAIR_WORKERS,
+            name="dynamicfs-repair") for _, ok in batch)
         self.pool.meta.commit()
         return moved > 0
