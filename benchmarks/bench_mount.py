@@ -1,6 +1,7 @@
 """Benchmark a mounted pool against a plain directory of the same device, in one run.
 
     python benchmarks/bench_mount.py [--size 1GiB] [--files 10000] [--dir /var/tmp]
+                                     [--repeat N]
 
 Six directory disks on one device. Each figure is printed next to the same work on a
 plain directory of that device, with the ratio and the target:
@@ -13,7 +14,9 @@ plain directory of that device, with the ratio and the target:
 - extracting a source tarball with thousands of files (the Python standard library),
   then `diff -r` against the plain copy;
 - the mount daemon's peak memory (VmHWM).
-Figures are printed, never asserted: the machines are shared and noisy.
+Figures are printed, never asserted: the machines are shared and noisy. With
+--repeat N each workload runs N times, plain and DynamicFS one after the other each
+time, and the medians are compared (every run's figure is printed too).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -59,10 +63,11 @@ def timed(fn) -> float:  # type: ignore[no-untyped-def]
 
 
 class Bench:
-    def __init__(self, root: Path, size: int, files: int) -> None:
+    def __init__(self, root: Path, size: int, files: int, repeat: int = 1) -> None:
         self.root = root
         self.size = size
         self.files = files
+        self.repeat = repeat
         self.pool = root / "pool"
         self.mnt = root / "mnt"
         self.plain = root / "plain"
@@ -103,45 +108,60 @@ class Bench:
         except (OSError, ValueError):
             pass
 
-    def record(self, what: str, plain: float, ours: float, unit: str, target: str,
-               higher_is_better: bool) -> None:
-        ratio = ours / plain
-        self.rows.append((what, f"{plain:.2f} {unit}", f"{ours:.2f} {unit}", f"{ratio:.2f}x",
-                          target))
-        print(f"  {what}: plain {plain:.2f} {unit}, dynamicfs {ours:.2f} {unit} "
-              f"({ratio:.2f}x; target {target})", flush=True)
+    def record(self, what: str, plain: list[float], ours: list[float], unit: str,
+               target: str) -> None:
+        """One row: the medians of the runs (each run measured plain and DynamicFS one
+        after the other), their ratio, and with several runs every figure."""
+        p, o = statistics.median(plain), statistics.median(ours)
+        ratio = o / p
+        self.rows.append((what, f"{p:.2f} {unit}", f"{o:.2f} {unit}", f"{ratio:.2f}x", target))
+        runs = ""
+        if len(ours) > 1:
+            runs = (f"; runs: plain {' / '.join(f'{v:.2f}' for v in plain)}, dynamicfs "
+                    f"{' / '.join(f'{v:.2f}' for v in ours)}")
+        print(f"  {what}: plain {p:.2f} {unit}, dynamicfs {o:.2f} {unit} "
+              f"({ratio:.2f}x; target {target}{runs})", flush=True)
 
     # -- workloads --------------------------------------------------------------
     def sequential(self) -> None:
         mb = self.size / MiB
+        plain_w: list[float] = []
+        plain_r: list[float] = []
+        ours: dict[str, tuple[list[float], list[float]]] = {
+            "replicate:3": ([], []), "ec:4+2": ([], [])}
         sh(f"cat {self.source} > /dev/null")
         # A throwaway write first: the first large write of a run is often 2-4x slower
         # than the next, and the plain figure must not be that one.
         sh(f"dd if={self.source} of={self.plain}/warm-up bs=1M conv=fsync status=none")
         os.unlink(self.plain / "warm-up")
-        plain_w = timed(lambda: sh(f"dd if={self.source} of={self.plain}/seq bs=1M "
-                                   "conv=fsync status=none"))
-        drop_caches()
-        plain_r = timed(lambda: sh(f"dd if={self.plain}/seq of=/dev/null bs=1M status=none"))
-        os.unlink(self.plain / "seq")
-        for policy, target in (("replicate:3", 0.35), ("ec:4+2", 0.45)):
-            name = policy.replace(":", "").replace("+", "_")
-            self.mount()
-            d = self.mnt / name
-            d.mkdir()
-            os.setxattr(d, "user.dynamicfs.policy", policy.encode())
+        for run in range(self.repeat):
             sh(f"cat {self.source} > /dev/null")
-            w = timed(lambda d=d: sh(f"dd if={self.source} of={d}/seq bs=1M conv=fsync "
-                                     "status=none"))
-            self.unmount()
+            plain_w.append(mb / timed(lambda: sh(f"dd if={self.source} of={self.plain}/seq "
+                                                 "bs=1M conv=fsync status=none")))
             drop_caches()
-            self.mount()
-            r = timed(lambda d=d: sh(f"dd if={d}/seq of=/dev/null bs=1M status=none"))
-            os.unlink(d / "seq")
-            self.unmount()
-            self.record(f"seq write {policy}", mb / plain_w, mb / w, "MiB/s", f">= {target}x",
-                        True)
-            self.record(f"seq read {policy}", mb / plain_r, mb / r, "MiB/s", ">= 0.75x", True)
+            plain_r.append(mb / timed(lambda: sh(f"dd if={self.plain}/seq of=/dev/null "
+                                                 "bs=1M status=none")))
+            os.unlink(self.plain / "seq")
+            for policy, (writes, reads) in ours.items():
+                name = policy.replace(":", "").replace("+", "_") + f"-{run}"
+                self.mount()
+                d = self.mnt / name
+                d.mkdir()
+                os.setxattr(d, "user.dynamicfs.policy", policy.encode())
+                sh(f"cat {self.source} > /dev/null")
+                writes.append(mb / timed(lambda d=d: sh(
+                    f"dd if={self.source} of={d}/seq bs=1M conv=fsync status=none")))
+                self.unmount()
+                drop_caches()
+                self.mount()
+                reads.append(mb / timed(lambda d=d: sh(
+                    f"dd if={d}/seq of=/dev/null bs=1M status=none")))
+                os.unlink(d / "seq")
+                self.unmount()
+        for policy, target in (("replicate:3", 0.35), ("ec:4+2", 0.45)):
+            writes, reads = ours[policy]
+            self.record(f"seq write {policy}", plain_w, writes, "MiB/s", f">= {target}x")
+            self.record(f"seq read {policy}", plain_r, reads, "MiB/s", ">= 0.75x")
 
     def _create(self, base: Path, per_dir: int) -> None:
         data = os.urandom(4096)
@@ -159,37 +179,41 @@ class Bench:
                     f.read()
 
     def small_files(self) -> None:
-        results = {}
         per_dir = self.files // 100
-        for label, base in (("plain", self.plain / "small"), ("dfs", self.mnt / "small")):
-            if label == "dfs":
-                self.mount()
-            base.mkdir()
-            t_create = timed(lambda base=base: self._create(base, per_dir))
-            if label == "dfs":
-                t_create += timed(self.unmount)  # unmount flushes everything created
-                drop_caches()
-                self.mount()
-            else:
-                t_create += timed(os.sync)
-                drop_caches()
-            t_ls = timed(lambda base=base: sh(f"ls -lR {base}"))
-            t_read = timed(lambda base=base: self._read_all(base, per_dir))
-            t_delete = timed(lambda base=base: shutil.rmtree(base))
-            results[label] = (t_create, t_ls, t_read, t_delete)
-            if label == "dfs":
-                self.unmount()
+        results: dict[str, list[tuple[float, float, float, float]]] = {"plain": [], "dfs": []}
+        null: list[float] = []
+        for run in range(self.repeat):
+            for label, base in (("plain", self.plain / f"small-{run}"),
+                                ("dfs", self.mnt / f"small-{run}")):
+                if label == "dfs":
+                    self.mount()
+                base.mkdir()
+                t_create = timed(lambda base=base: self._create(base, per_dir))
+                if label == "dfs":
+                    t_create += timed(self.unmount)  # unmount flushes everything created
+                    drop_caches()
+                    self.mount()
+                else:
+                    t_create += timed(os.sync)
+                    drop_caches()
+                t_ls = timed(lambda base=base: sh(f"ls -lR {base}"))
+                t_read = timed(lambda base=base: self._read_all(base, per_dir))
+                t_delete = timed(lambda base=base: shutil.rmtree(base))
+                results[label].append((t_create, t_ls, t_read, t_delete))
+                if label == "dfs":
+                    self.unmount()
+            null.append(self.null_create(per_dir, run))
         for i, what in enumerate(("create", "ls -lR (cold)", "read all", "delete")):
             target = "<= 10x" if what == "create" else "-"
-            self.record(f"{self.files} x 4 KiB {what}", results["plain"][i], results["dfs"][i],
-                        "s", target, False)
+            self.record(f"{self.files} x 4 KiB {what}", [r[i] for r in results["plain"]],
+                        [r[i] for r in results["dfs"]], "s", target)
         self.record(f"{self.files} x 4 KiB create, do-nothing pyfuse3 filesystem",
-                    results["plain"][0], self.null_create(per_dir), "s",
-                    "(floor of any Python daemon)", False)
+                    [r[0] for r in results["plain"]], null, "s",
+                    "(floor of any Python daemon)")
 
-    def null_create(self, per_dir: int) -> float:
+    def null_create(self, per_dir: int, run: int) -> float:
         """The create loop on benchmarks/null_fuse.py (no flush, nothing stored)."""
-        mnt = self.root / "null"
+        mnt = self.root / f"null-{run}"
         mnt.mkdir()
         proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("null_fuse.py")),
                                  str(mnt)])
@@ -207,18 +231,22 @@ class Bench:
             proc.wait(timeout=30)
 
     def tarball_extract(self) -> None:
-        out_plain = self.plain / "tree"
-        out_plain.mkdir()
-        t_plain = timed(lambda: sh(f"tar -C {out_plain} -xf {self.tarball} && sync"))
-        self.mount()
-        out = self.mnt / "tree"
-        out.mkdir()
-        t_ours = timed(lambda: sh(f"tar -C {out} -xf {self.tarball}"))
-        t_diff = timed(lambda: sh(f"diff -r {out_plain} {out}"))
-        self.unmount()
-        files = sum(len(f) for _, _, f in os.walk(out_plain))
-        self.record(f"tar xf ({files} files)", t_plain, t_ours, "s", "<= 10x", False)
-        print(f"  diff -r of the extracted trees: identical, {t_diff:.2f} s")
+        plain: list[float] = []
+        ours: list[float] = []
+        for run in range(self.repeat):
+            out_plain = self.plain / f"tree-{run}"
+            out_plain.mkdir()
+            plain.append(timed(lambda out_plain=out_plain: sh(
+                f"tar -C {out_plain} -xf {self.tarball} && sync")))
+            self.mount()
+            out = self.mnt / f"tree-{run}"
+            out.mkdir()
+            ours.append(timed(lambda out=out: sh(f"tar -C {out} -xf {self.tarball}")))
+            t_diff = timed(lambda out=out, out_plain=out_plain: sh(f"diff -r {out_plain} {out}"))
+            self.unmount()
+            print(f"  diff -r of the extracted trees: identical, {t_diff:.2f} s")
+        files = sum(len(f) for _, _, f in os.walk(self.plain / "tree-0"))
+        self.record(f"tar xf ({files} files)", plain, ours, "s", "<= 10x")
 
     def report(self) -> None:
         print("\n| work | plain | dynamicfs | ratio | target |")
@@ -235,9 +263,14 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=10000, help="number of small files")
     parser.add_argument("--dir", default="/var/tmp", help="where to put disks (not tmpfs)")
     parser.add_argument("--skip", default="", help="comma list: seq,small,tar")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each workload, plain and DynamicFS one after the other "
+                             "each time; the medians are compared (default 1)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     root = Path(tempfile.mkdtemp(prefix="dynamicfs-bench-", dir=args.dir))
-    bench = Bench(root, parse_size(args.size), args.files)
+    bench = Bench(root, parse_size(args.size), args.files, args.repeat)
     skip = set(args.skip.split(","))
     try:
         bench.setup()
