@@ -56,6 +56,30 @@ def drop_caches() -> None:
         print("  (cannot drop caches: not root? read figures are warm)")
 
 
+def settle(path: Path, quiet: float = 0.3, limit: float = 20.0) -> None:
+    """Flush everything and wait until the device under `path` has had no request in
+    flight for `quiet` seconds (at most `limit`). The filesystem here is mounted with
+    `discard`: freeing a gigabyte (a deleted plain file, or fragments DynamicFS freed)
+    sends discards at the next journal commit, and a write timed while the device works
+    through them went at a quarter of its speed. Each timed workload starts settled."""
+    os.sync()
+    st = os.stat(path)
+    inflight = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/inflight")
+    deadline = time.monotonic() + limit
+    calm_since = time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            busy = any(int(n) for n in inflight.read_text().split())
+        except (OSError, ValueError):
+            return  # no such counter (not a block device): the sync is all we can do
+        now = time.monotonic()
+        if busy:
+            calm_since = now
+        elif now - calm_since >= quiet:
+            return
+        time.sleep(0.02)
+
+
 def timed(fn) -> float:  # type: ignore[no-untyped-def]
     t = time.perf_counter()
     fn()
@@ -129,13 +153,14 @@ class Bench:
         plain_r: list[float] = []
         ours: dict[str, tuple[list[float], list[float]]] = {
             "replicate:3": ([], []), "ec:4+2": ([], [])}
-        sh(f"cat {self.source} > /dev/null")
-        # A throwaway write first: the first large write of a run is often 2-4x slower
-        # than the next, and the plain figure must not be that one.
-        sh(f"dd if={self.source} of={self.plain}/warm-up bs=1M conv=fsync status=none")
-        os.unlink(self.plain / "warm-up")
         for run in range(self.repeat):
             sh(f"cat {self.source} > /dev/null")
+            # A throwaway write first: a large write into page-cache pages the machine
+            # has not touched lately (after a cache drop, say) is often 2-4x slower
+            # than the next, and the plain figure must not be that one.
+            sh(f"dd if={self.source} of={self.plain}/warm-up bs=1M conv=fsync status=none")
+            os.unlink(self.plain / "warm-up")
+            settle(self.root)
             plain_w.append(mb / timed(lambda: sh(f"dd if={self.source} of={self.plain}/seq "
                                                  "bs=1M conv=fsync status=none")))
             drop_caches()
@@ -149,6 +174,7 @@ class Bench:
                 d.mkdir()
                 os.setxattr(d, "user.dynamicfs.policy", policy.encode())
                 sh(f"cat {self.source} > /dev/null")
+                settle(self.root)
                 writes.append(mb / timed(lambda d=d: sh(
                     f"dd if={self.source} of={d}/seq bs=1M conv=fsync status=none")))
                 self.unmount()
@@ -188,6 +214,7 @@ class Bench:
                 if label == "dfs":
                     self.mount()
                 base.mkdir()
+                settle(self.root)
                 t_create = timed(lambda base=base: self._create(base, per_dir))
                 if label == "dfs":
                     t_create += timed(self.unmount)  # unmount flushes everything created
@@ -225,6 +252,7 @@ class Bench:
                 time.sleep(0.05)
             base = mnt / "small"
             base.mkdir()
+            settle(self.root)
             return timed(lambda: self._create(base, per_dir))
         finally:
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
@@ -236,11 +264,13 @@ class Bench:
         for run in range(self.repeat):
             out_plain = self.plain / f"tree-{run}"
             out_plain.mkdir()
+            settle(self.root)
             plain.append(timed(lambda out_plain=out_plain: sh(
                 f"tar -C {out_plain} -xf {self.tarball} && sync")))
             self.mount()
             out = self.mnt / f"tree-{run}"
             out.mkdir()
+            settle(self.root)
             ours.append(timed(lambda out=out: sh(f"tar -C {out} -xf {self.tarball}")))
             t_diff = timed(lambda out=out, out_plain=out_plain: sh(f"diff -r {out_plain} {out}"))
             self.unmount()
