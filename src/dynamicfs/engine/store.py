@@ -448,6 +448,11 @@ class ExtentStore:
         self.record(conn, written)
         return [w.info.id for w in written]
 
+    def trim_buffers(self) -> None:
+        """Let go of encoding buffers no write used since the last call (every commit
+        interval: a daemon done writing gives their memory back)."""
+        codecs.trim_buffers()
+
     def discard(self, written: Iterable[WrittenExtent]) -> None:
         """Forget written-but-unrecorded extents (their fragments are freed now)."""
         for w in written:

@@ -55,7 +55,6 @@ from dynamicfs.namespace.types import (
 )
 from dynamicfs.observability.log import error
 from dynamicfs.placement.placement import usable_capacity
-from dynamicfs.redundancy import codecs
 from dynamicfs.redundancy.policy import AUTO, AUTO_EC_THRESHOLD, parse_policy
 
 INFLIGHT_LIMIT = 64 * 1024 * 1024
@@ -1244,7 +1243,7 @@ class Namespace:
                             self._enqueue_dirty(ino, st)
                 if self.meta.dirty:
                     self.meta.commit()
-                codecs.trim_buffers()
+                self.store.trim_buffers()
             except Exception as exc:
                 error("periodic commit failed", reason=repr(exc))
 
