@@ -523,16 +523,10 @@ class ExtentStore:
 
     # -- read path --------------------------------------------------------------
     def load(self, extent_id: int) -> ExtentInfo:
-        with self.meta.read() as conn:
-            row = conn.execute("SELECT length, checksum, policy FROM extents WHERE id = ?",
-                               (extent_id,)).fetchone()
-            if row is None:
-                raise UnreadableError(f"extent {extent_id} is not in the metadata")
-            frags = conn.execute(f"SELECT {FRAGMENT_COLUMNS} "
-                                 "FROM fragments WHERE extent_id = ? ORDER BY idx",
-                                 (extent_id,)).fetchall()
-        return ExtentInfo(extent_id, row[0], row[1], parse_concrete(row[2]),
-                          [FragmentRow(*f) for f in frags])
+        info = self.load_many((extent_id,)).get(extent_id)
+        if info is None:
+            raise UnreadableError(f"extent {extent_id} is not in the metadata")
+        return info
 
     def read(self, extent_id: int) -> Payload:
         """The extent's bytes, verified; UnreadableError (EIO) if that is impossible."""
