@@ -10,6 +10,10 @@ a real mount.
 - Truncating a file just closed (its data still in flight) and extending it again
   reads zeros past the cut. (The truncate once trimmed the last chunk in a file state
   the flusher had just dropped, so the old bytes came back.)
+- A file being written while another one is fsynced: after a crash it is shorter, or
+  empty, never padded with zeros. (The group commit once stored the size of every file
+  as the writers had set it, although the bytes still sat in the daemon's buffers:
+  after a kill -9 the file read as zeros where they belonged.)
 - Fragments dropped without ever being named by metadata (the data of a file
   destroyed while it was written back) are deleted only once a sync in flight is
   done with them. (They were once deleted under a commit's sync, which then failed:
@@ -19,6 +23,7 @@ a real mount.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -116,6 +121,46 @@ def test_truncate_then_extend_right_after_close_reads_zeros_past_the_cut(
         m.remount()
         assert [p.name for p in sorted(m.mnt.iterdir())
                 if p.read_bytes()[49_165:] != bytes(171_291 - 49_165)] == []
+
+
+def test_a_file_written_but_not_synced_comes_back_short_after_a_crash_never_zero_padded(
+        tmp_path: Path, fuse_available: None) -> None:
+    data = {name: os.urandom(size) for name, size in
+            (("small", 300 * 1024), ("across", 2_500_000))}
+    with mounted_pool(tmp_path, disks=4) as m:
+        with open(m / "appended", "wb") as f:
+            f.write(b"kept" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        handles = {name: open(m / name, "wb") for name in data}  # noqa: SIM115
+        appended = open(m / "appended", "ab")  # noqa: SIM115
+        try:
+            for name, f in handles.items():
+                f.write(data[name])
+                f.flush()
+            appended.write(b"more" * 4096)
+            appended.flush()
+            with open(m / "synced", "wb") as f:  # its fsync commits the others' metadata
+                f.write(b"synced")
+                f.flush()
+                os.fsync(f.fileno())
+            assert m.pid is not None
+            os.kill(m.pid, signal.SIGKILL)
+            wait_gone(m.pid)
+        finally:
+            for f in [*handles.values(), appended]:
+                with contextlib.suppress(OSError):
+                    f.close()
+        m.pid = None
+        subprocess.run(["fusermount3", "-uz", str(m.mnt)], check=True)
+        m.mount()
+        assert (m / "synced").read_bytes() == b"synced"
+        for name, written in data.items():
+            back = (m / name).read_bytes()
+            assert written.startswith(back), f"{name}: {len(back)} bytes, not a prefix"
+        back = (m / "appended").read_bytes()
+        assert (b"kept" * 4096 + b"more" * 4096).startswith(back)
+        assert back.startswith(b"kept" * 4096)
 
 
 class SlowSync(FaultyDisk):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import errno
 import os
 import random
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from admin_support import data_of
 from dynamicfs.disks.faulty import FaultRule, FaultyDisk
 from dynamicfs.errors import FsError
 from dynamicfs.namespace.fs import Namespace
@@ -241,3 +243,44 @@ def test_read_nowait_serves_only_what_is_in_the_cache(mount: Mount) -> None:
     assert ns.read_nowait(ino, E - 10, 20) == data[E - 10: E + 10]
     assert ns.read_nowait(ino, len(data), E) == b""
     ns.release(ino)
+
+
+def _committed_size(mount: Mount, ino: int) -> int:
+    """The size a crash would leave: what a second connection sees of the database."""
+    conn = sqlite3.connect(mount.pool.meta.path)
+    try:
+        return int(conn.execute("SELECT size FROM inodes WHERE ino = ?", (ino,)).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_commit_stores_a_size_only_as_far_as_the_data_is_recorded(mount: Mount) -> None:
+    """A file being written while another is fsynced: the commit must not give it a
+    size whose bytes are not stored (after a crash it would read zeros there)."""
+    ns = mount.ns
+    grown = mount.create(b"grown", data_of("old", 2 * E))  # 2 chunks committed
+    ns.write(grown, 2 * E, data_of("more", E // 2))  # chunk 2: buffered only
+    extended = ns.create(ROOT_INO, b"extended", 0o644, 0, 0).ino
+    ns.write(extended, 0, data_of("head", 4096))  # buffered only
+    ns.setattr(extended, size=3 * E)  # a larger size, its first bytes still buffered
+    mount.create(b"other", b"x" * 100)  # fsync of another file: a group commit
+    assert _committed_size(mount, grown) == 2 * E
+    assert _committed_size(mount, extended) == 0
+    # The live view is the whole file meanwhile, after the inode cache is dropped too.
+    ns.rename(ROOT_INO, b"other", ROOT_INO, b"other2", 0)
+    assert ns.getattr(grown).size == 2 * E + E // 2
+    assert [e.attr.size for e in ns.readdir(ROOT_INO, 0, 10) if e.name == b"extended"] \
+        == [3 * E]
+    # Written further after that commit, then fsynced: the whole of it, not the size
+    # the commit held back.
+    ns.write(grown, 2 * E + E // 2, data_of("tail", E))
+    ns.fsync(grown)
+    ns.fsync(extended)
+    assert _committed_size(mount, grown) == 3 * E + E // 2
+    assert _committed_size(mount, extended) == 3 * E
+    ns.release(grown)
+    ns.release(extended)
+    mount.remount()
+    assert mount.ns.read(grown, 0, 4 * E) == \
+        data_of("old", 2 * E) + data_of("more", E // 2) + data_of("tail", E)
+    assert mount.ns.read(extended, 0, 3 * E) == data_of("head", 4096) + bytes(3 * E - 4096)

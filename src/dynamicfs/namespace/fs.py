@@ -15,7 +15,10 @@ Concurrency rules:
   taking batches in order, keep hand-offs of the same chunk in order.
 - Durability: fsync() flushes the file's chunks, waits for them, then group-commits
   (fragments synced before the metadata commit: DESIGN invariant 3). A commit timer
-  does the same for everything every `commit_interval` seconds.
+  does the same for everything every `commit_interval` seconds. A size goes to the
+  database only as far as the file's data is recorded (`_size_to_store`): after a
+  crash a file that was being written is shorter, never padded with zeros where bytes
+  were written but not stored.
 - An unlinked file that is still open keeps its inode and data until its last
   release; inodes left with no links after a crash are removed at start-up.
 - Inode cache: `_inodes` holds inode rows; the hot fields (mode, owner, size, times)
@@ -27,6 +30,7 @@ Concurrency rules:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import queue
 import stat
@@ -97,11 +101,14 @@ class FileState:
     # zeros) until they are overwritten whole or truncated away. Kept while the pool is
     # open; the error itself is reported once, by the next fsync, close or write.
     lost: set[int] = field(default_factory=set)
+    # The file's size when the database holds a smaller one: the bytes beyond that are
+    # not recorded yet (_size_to_store). Cleared once they are and the size is written.
+    unsized: int | None = None
 
     @property
     def idle(self) -> bool:
         return not (self.opens or self.dirty or self.inflight or self.pending or self.error
-                    or self.lost)
+                    or self.lost or self.unsized is not None)
 
 
 @contextmanager
@@ -211,8 +218,16 @@ class Namespace:
         row = conn.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
         if row is None:
             raise FsError(errno.ENOENT)
+        row = self._live(row)
         self._cache(row)
         return tuple(row)
+
+    def _live(self, row: Row) -> Row:
+        """A row read from the database with the size the file has in memory."""
+        st = self.files.get(row[0])
+        if st is None or st.unsized is None:
+            return row
+        return (*row[:SIZE], st.unsized, *row[SIZE + 1:])
 
     def _cache(self, row: Row) -> None:
         if len(self._inodes) > INODE_CACHE_SIZE:
@@ -256,18 +271,39 @@ class Namespace:
                 return
             rows = [self._inodes[i] for i in self._dirty_inodes if i in self._inodes]
             with self.meta.write() as conn:
+                values = [(r[MODE], r[UID], r[GID], self._size_to_store(conn, r[0], r[SIZE]),
+                           r[ATIME], r[MTIME], r[CTIME], r[0]) for r in rows]
                 conn.executemany("UPDATE inodes SET mode = ?, uid = ?, gid = ?, size = ?, "
-                                 "atime_ns = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
-                                 [(r[MODE], r[UID], r[GID], r[SIZE], r[ATIME], r[MTIME],
-                                   r[CTIME], r[0]) for r in rows])
+                                 "atime_ns = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?", values)
             self._dirty_inodes.clear()
 
+    def _size_to_store(self, conn: Connection, ino: int, size: int) -> int:
+        """The size the database gets for a file of `size` bytes: no more than its stored
+        size (as of this transaction) or the start of its first chunk not recorded yet,
+        whichever is larger. The rest waits in `unsized` until those chunks are recorded
+        (_finish), as ext4 and btrfs extend a file's size only with its data."""
+        st = self.files.get(ino)
+        if st is None:
+            return size
+        pending = st.dirty.keys() | st.inflight.keys()
+        first = min(pending) * self.extent_size if pending else size
+        if size <= first:
+            st.unsized = None
+            return size
+        row = conn.execute("SELECT size FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        stored = min(size, max(row[0] if row else 0, first))
+        st.unsized = size if stored < size else None
+        return stored
+
     def _drop_cache(self) -> None:
+        """After a rollback: the database is the truth again, sizes included."""
         with self.lock:
             self._inodes.clear()
             self._stored.clear()
             self._policies.clear()
             self._dirty_inodes.clear()
+            for st in self.files.values():
+                st.unsized = None
 
     @contextmanager
     def _change(self) -> Iterator[Connection]:
@@ -596,7 +632,7 @@ class Namespace:
 
     def _cached_or(self, row: Row) -> Row:
         cached = self._inodes.get(row[0])
-        return tuple(cached) if cached is not None else row
+        return tuple(cached) if cached is not None else self._live(row)
 
     # ------------------------------------------------------------------ open files
     def _state(self, ino: int) -> FileState:
@@ -964,7 +1000,7 @@ class Namespace:
                     self._dirty_bytes -= len(buf) - (size % E)
                     del buf[size % E:]
             conn.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
-                         (size, now, now, ino))
+                         (self._size_to_store(conn, ino, size), now, now, ino))
         if st.idle:
             self.files.pop(ino, None)
 
@@ -1216,6 +1252,13 @@ class Namespace:
                     gone.append((ino, chunk))
                 if failure:
                     st.error = failure
+                if st.unsized is not None and not st.dirty and not st.inflight:
+                    # Its data is recorded: the size can follow (the next commit). The
+                    # cached row has the size if cached (writes since may have grown
+                    # it), else `unsized` has it (_live).
+                    with contextlib.suppress(FsError):  # destroyed meanwhile
+                        self._set(ino, size=self._row(self.meta.conn, ino)[SIZE])
+                    st.unsized = None
                 if st.idle:
                     self.files.pop(ino, None)
             if gone:
