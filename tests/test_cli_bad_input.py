@@ -272,3 +272,18 @@ def test_the_installed_program_prints_one_line_and_exits_non_zero(tmp_path: Path
         assert_one_line_error(done.returncode, done.stderr)
         assert message in done.stderr
         assert done.stdout == ""
+
+
+def test_sync_refuses_a_path_outside_any_mount_and_says_an_unmounted_pool_has_nothing(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    plain = env.tmp / "plain"
+    plain.mkdir()
+    for target, message in [(plain, "neither a pool nor inside a DynamicFS mount"),
+                            (env.tmp / "nowhere", "does not exist")]:
+        err = refused(env, capsys, ["sync", target])
+        assert message in err
+    before = env.state()
+    code, out, err = run(capsys, "sync", env.pool)
+    assert (code, err) == (0, "")
+    assert out.strip() == f"pool {env.pool} is not mounted: nothing is buffered"
+    assert env.state() == before

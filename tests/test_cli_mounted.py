@@ -4,15 +4,18 @@ back as one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
 from admin_support import assert_one_line_error, data_of, sql
-from fusehelpers import cli, mounted_pool
+from fusehelpers import cli, mounted_pool, wait_gone
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
@@ -80,3 +83,29 @@ def test_a_refusal_through_the_control_socket_is_one_line(tmp_path: Path) -> Non
         assert_one_line_error(done.returncode, done.stderr)
         assert "unknown disk '9'" in done.stderr
         assert (m / "precious").read_bytes() == data_of("p", 10_000)
+
+
+def test_sync_makes_the_buffered_data_of_an_open_file_survive_a_crash(tmp_path: Path) -> None:
+    """An open file's data below an extent stays in the daemon's memory until close or
+    fsync; `dynamicfs sync` on a path in the mount writes it out and commits it, so it
+    outlives SIGKILL of the daemon."""
+    data = data_of("open", 300 * 1024)
+    with mounted_pool(tmp_path) as m:
+        (m / "dir").mkdir()
+        f = open(m / "dir" / "open.bin", "wb")  # noqa: SIM115 (still open at the crash)
+        try:
+            f.write(data)
+            f.flush()
+            done = cli("sync", m / "dir")
+            assert done.stdout.startswith(f"synced {m.mnt} (pool {m.pool}) in ")
+            assert m.pid is not None
+            os.kill(m.pid, signal.SIGKILL)
+            wait_gone(m.pid)
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()
+        m.pid = None
+        subprocess.run(["fusermount3", "-uz", str(m.mnt)], check=True)
+        m.mount()
+        assert (m / "dir" / "open.bin").read_bytes() == data
+        assert json.loads(cli("sync", m.pool, "--json").stdout)["mountpoint"] == str(m.mnt)

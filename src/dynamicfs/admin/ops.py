@@ -1,4 +1,4 @@
-"""Operations: metrics, health, the audit trail, the background scrub and its schedule.
+"""Operations: sync, metrics, health, the audit trail, the background scrub and its schedule.
 
 Each works on a pool that is not mounted (in the CLI's process) and on a mounted one
 (inside its daemon, through the control socket), except the background scrub
@@ -24,6 +24,15 @@ from dynamicfs.observability.audit import KIND_PREFIX
 def metrics_text(pool: Pool) -> str:
     """The Prometheus text exposition of the pool (and of the daemon, when mounted)."""
     return metrics.render(pool)
+
+
+@operation("sync", writes=False)
+def sync(pool: Pool) -> dict[str, Any]:
+    """Commit the metadata. Inside a mount daemon, every operation that is not a
+    monitoring one (control.server.NO_FLUSH) first writes out the buffered data of every
+    file, open ones included: this one is run for that, as `dynamicfs sync`."""
+    pool.meta.commit()
+    return {"pool": str(pool.path), "commits": pool.meta.commits}
 
 
 @operation("health", writes=False)

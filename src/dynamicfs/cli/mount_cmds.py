@@ -1,10 +1,13 @@
-"""`mount` and `unmount`: attach a pool to a directory through FUSE, and detach it."""
+"""`mount`, `unmount` and `sync`: attach a pool to a directory through FUSE, detach it,
+and make what was written to it durable."""
 
 from __future__ import annotations
 
+import time
+
 import click
 
-from dynamicfs.cli.common import flexible
+from dynamicfs.cli.common import flexible, print_json, run_op
 from dynamicfs.fuse import daemon
 from dynamicfs.observability.log import LEVELS
 
@@ -56,6 +59,30 @@ def register(cli: click.Group) -> None:
 
     cli.add_command(click.Command("umount", callback=unmount.callback, params=unmount.params,
                                   help=unmount.help, hidden=True))
+
+    @cli.command("sync")
+    @flexible("path")
+    @click.option("--json", "as_json", is_flag=True)
+    def sync(path: str, as_json: bool) -> None:
+        """Make everything written to a mounted pool durable now.
+
+        PATH is the mountpoint, any path inside the mount, or the pool. Every file's
+        buffered data, open files included, goes to the disks and the metadata is
+        committed, as an fsync of every file would; sync(1) does not reach FUSE
+        filesystems. A pool that is not mounted has nothing buffered.
+        """
+        pool_dir, mountpoint = daemon.pool_of(path)
+        start = time.monotonic()
+        if mountpoint is not None:
+            run_op(str(pool_dir), "sync", show_progress=False)
+        seconds = time.monotonic() - start
+        if as_json:
+            print_json({"pool": str(pool_dir), "mountpoint": mountpoint and str(mountpoint),
+                        "seconds": round(seconds, 3)})
+        elif mountpoint is None:
+            click.echo(f"pool {pool_dir} is not mounted: nothing is buffered")
+        else:
+            click.echo(f"synced {mountpoint} (pool {pool_dir}) in {seconds:.2f} s")
 
 
 def mount_pool(pool: str, mountpoint: str, options: tuple[str, ...] | list[str], *,

@@ -480,6 +480,19 @@ def unmount(target: Path | str, *, lazy: bool = False, timeout: float = EXIT_TIM
     Returns once the daemon has flushed everything and exited, so the pool can be
     mounted or opened again at once.
     """
+    path, pool_dir = _resolve(target)
+    pid = _daemon_pid(pool_dir, path) if pool_dir else None
+    _fusermount_u(path, lazy)
+    if pid is not None and not lazy:
+        _wait_exit(pid, timeout, path)
+    if pool_dir is not None and pid is None:
+        _clear_stale(pool_dir)
+    return Unmounted(str(path), str(pool_dir) if pool_dir else None, pid)
+
+
+def _resolve(target: Path | str) -> tuple[Path, Path | None]:
+    """The mountpoint and (when it can tell) the pool of the DynamicFS mount given by its
+    mountpoint or its pool directory."""
     path = Path(os.path.realpath(target))
     pool_dir: Path | None = None
     if _is_pool(path):
@@ -494,13 +507,32 @@ def unmount(target: Path | str, *, lazy: bool = False, timeout: float = EXIT_TIM
         raise MountError(f"{path} is not a DynamicFS mount ({what} is mounted there)")
     if pool_dir is None and _is_pool(Path(entry.source)):
         pool_dir = Path(entry.source)
-    pid = _daemon_pid(pool_dir, path) if pool_dir else None
-    _fusermount_u(path, lazy)
-    if pid is not None and not lazy:
-        _wait_exit(pid, timeout, path)
-    if pool_dir is not None and pid is None:
-        _clear_stale(pool_dir)
-    return Unmounted(str(path), str(pool_dir) if pool_dir else None, pid)
+    return path, pool_dir
+
+
+def pool_of(target: Path | str) -> tuple[Path, Path | None]:
+    """The pool directory and mountpoint (None: not mounted) of `target`: a pool, a
+    DynamicFS mountpoint or any path inside a DynamicFS mount."""
+    path = Path(os.path.realpath(target))
+    if not path.exists():
+        raise MountError(f"{target} does not exist")
+    if _is_pool(path):
+        info = _mount_info(path)
+        mountpoint = Path(str(info["mountpoint"])) if info else None
+        entry = find_mount(mountpoint) if mountpoint else None
+        return path, mountpoint if entry and entry.fstype == FSTYPE else None
+    # The mount a path lies in is the one on its nearest ancestor that has one.
+    for place in (path, *path.parents):
+        entry = find_mount(place)
+        if entry is None:
+            continue
+        if entry.fstype != FSTYPE:
+            break
+        if not _is_pool(Path(entry.source)):
+            raise MountError(f"cannot tell which pool is mounted at {place}; give the pool "
+                             "directory instead")
+        return Path(entry.source), place
+    raise MountError(f"{target} is neither a pool nor inside a DynamicFS mount")
 
 
 def _is_pool(path: Path) -> bool:
