@@ -14,6 +14,10 @@ a real mount.
   empty, never padded with zeros. (The group commit once stored the size of every file
   as the writers had set it, although the bytes still sat in the daemon's buffers:
   after a kill -9 the file read as zeros where they belonged.)
+- A file written (not fsynced) and renamed over another, then the directory fsynced,
+  then a crash: the name holds the old file or the new one whole. (Until the rename
+  waited for the new file's data to be recorded, the directory's fsync committed the
+  rename alone, and the name came back as an empty file.)
 - Fragments dropped without ever being named by metadata (the data of a file
   destroyed while it was written back) are deleted only once a sync in flight is
   done with them. (They were once deleted under a commit's sync, which then failed:
@@ -161,6 +165,35 @@ def test_a_file_written_but_not_synced_comes_back_short_after_a_crash_never_zero
         back = (m / "appended").read_bytes()
         assert (b"kept" * 4096 + b"more" * 4096).startswith(back)
         assert back.startswith(b"kept" * 4096)
+
+
+def test_a_file_renamed_over_another_comes_back_old_or_new_whole_after_a_crash(
+        tmp_path: Path, fuse_available: None) -> None:
+    old, new = os.urandom(200_000), os.urandom(300_000)
+    with mounted_pool(tmp_path, disks=4) as m:
+        (m / "d").mkdir()
+        names = [f"config{i}" for i in range(5)]
+        for name in names:
+            with open(m / "d" / name, "wb") as f:
+                f.write(old)
+                f.flush()
+                os.fsync(f.fileno())
+        dirfd = os.open(m / "d", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in names:  # the usual replace: write a copy, close, rename over
+                (m / "d" / f"{name}.tmp").write_bytes(new)
+                os.rename(m / "d" / f"{name}.tmp", m / "d" / name)
+                os.fsync(dirfd)  # commits at once: it waits for no file's data
+        finally:
+            os.close(dirfd)
+        assert m.pid is not None
+        os.kill(m.pid, signal.SIGKILL)
+        wait_gone(m.pid)
+        m.pid = None
+        subprocess.run(["fusermount3", "-uz", str(m.mnt)], check=True)
+        m.mount()
+        back = {name: (m / "d" / name).read_bytes() for name in names}
+        assert {name: len(b) for name, b in back.items() if b not in (old, new)} == {}
 
 
 class SlowSync(FaultyDisk):

@@ -284,3 +284,22 @@ def test_a_commit_stores_a_size_only_as_far_as_the_data_is_recorded(mount: Mount
     assert mount.ns.read(grown, 0, 4 * E) == \
         data_of("old", 2 * E) + data_of("more", E // 2) + data_of("tail", E)
     assert mount.ns.read(extended, 0, 3 * E) == data_of("head", 4096) + bytes(3 * E - 4096)
+
+
+def test_a_file_renamed_over_another_has_its_data_recorded_first(mount: Mount) -> None:
+    ns = mount.ns
+    mount.create(b"config", data_of("old", E))
+    new = ns.create(ROOT_INO, b"config.tmp", 0o644, 0, 0).ino
+    ns.write(new, 0, data_of("new", E + 100))
+    ns.release(new)  # closed, its data handed to the flusher, not fsynced
+    # The event loop's rename_nowait would have to wait for the flusher: it does nothing.
+    assert ns.rename_nowait(ROOT_INO, b"config.tmp", ROOT_INO, b"config") is False
+    assert ns.lookup(ROOT_INO, b"config.tmp").ino == new
+    ns.rename(ROOT_INO, b"config.tmp", ROOT_INO, b"config")
+    ns.fsync(ROOT_INO)  # the directory: commits without waiting for any file's data
+    assert _committed_size(mount, new) == E + 100
+    mount.remount()
+    assert mount.ns.read(mount.ns.lookup(ROOT_INO, b"config").ino, 0, 2 * E) == \
+        data_of("new", E + 100)
+    # A rename that replaces nothing, or moves a file with nothing buffered, is done at once.
+    assert mount.ns.rename_nowait(ROOT_INO, b"config", ROOT_INO, b"other") is True

@@ -118,8 +118,8 @@ class Operations(pyfuse3.Operations):
     - Exception (`_run_quick`): calls that only read or change metadata in memory and
       SQLite (lookup, getattr, setattr without a size, readlink, getxattr, listxattr,
       flush, readdir, and the changes of names: create, mknod, mkdir, symlink, link,
-      unlink, rmdir, rename, setxattr, removexattr) run on the event loop itself when
-      the namespace lock is free at that moment. So do write, read and release when
+      unlink, rmdir, rename (`rename_nowait`), setxattr, removexattr) run on the event
+      loop itself when the namespace lock is free at that moment. So do write, read and release when
       the namespace can do them from memory at once (`_try_inline` with `write_nowait`,
       `read_nowait` for extents already read ahead, `release_nowait`: no fragment to
       read, no back-pressure); otherwise they go to a worker thread. A getxattr of a
@@ -279,8 +279,11 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         # pyfuse3's RENAME_NOREPLACE/RENAME_EXCHANGE (1, 2) are the namespace's values.
-        await self._run_quick(self.ns.rename, parent_inode_old, name_old, parent_inode_new,
-                        name_new, flags)
+        # A file replacing another waits for its data to be recorded: in a thread.
+        if not await self._run_quick(self.ns.rename_nowait, parent_inode_old, name_old,
+                                     parent_inode_new, name_new, flags):
+            await self._run(self.ns.rename, parent_inode_old, name_old, parent_inode_new,
+                            name_new, flags)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Lookup counts are not tracked; see the class docstring."""

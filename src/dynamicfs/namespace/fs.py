@@ -541,6 +541,44 @@ class Namespace:
     # ------------------------------------------------------------------ rename
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                flags: int = 0) -> None:
+        """Rename; a file that replaces another has its buffered data recorded first."""
+        with self.lock:
+            self._record_replacing(old_parent, old_name, new_parent, new_name, wait=True)
+            self._rename(old_parent, old_name, new_parent, new_name, flags)
+
+    def rename_nowait(self, old_parent: int, old_name: bytes, new_parent: int,
+                      new_name: bytes, flags: int = 0) -> bool:
+        """rename() if it need not wait for the flusher (see _record_replacing), else
+        False (nothing done)."""
+        with self.lock:
+            if not self._record_replacing(old_parent, old_name, new_parent, new_name,
+                                          wait=False):
+                return False
+            self._rename(old_parent, old_name, new_parent, new_name, flags)
+            return True
+
+    def _record_replacing(self, old_parent: int, old_name: bytes, new_parent: int,
+                          new_name: bytes, *, wait: bool) -> bool:
+        """A file renamed over another (the write-then-rename way of replacing a file)
+        gets its buffered data recorded before the rename, so that no commit holds the
+        rename without that data: after a crash the name holds the old file or the new
+        one whole, never a new one cut short (ext4's auto_da_alloc and btrfs do the
+        same). With wait=False, says False instead of waiting."""
+        with self.meta.read() as conn:
+            src = self._entry(conn, old_parent, old_name)
+            st = self.files.get(src) if src is not None else None
+            if src is None or st is None or not (st.dirty or st.pending) or \
+                    self._entry(conn, new_parent, new_name) is None:
+                return True
+        if not wait:
+            return False
+        self._enqueue_dirty(src, st)
+        while st.pending:
+            self._wait_for_flusher()
+        return True
+
+    def _rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                flags: int) -> None:
         self._check_name(new_name)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
                 flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
