@@ -16,7 +16,7 @@ from admin_support import data_of
 from dynamicfs.disks.faulty import FaultRule, FaultyDisk
 from dynamicfs.errors import FsError
 from dynamicfs.namespace.fs import Namespace
-from dynamicfs.namespace.types import POLICY_XATTR, ROOT_INO
+from dynamicfs.namespace.types import POLICY_XATTR, RENAME_EXCHANGE, ROOT_INO
 from test_engine_support import KiB, PoolMaker, count, files_on_disks
 
 E = 64 * KiB
@@ -303,3 +303,13 @@ def test_a_file_renamed_over_another_has_its_data_recorded_first(mount: Mount) -
         data_of("new", E + 100)
     # A rename that replaces nothing, or moves a file with nothing buffered, is done at once.
     assert mount.ns.rename_nowait(ROOT_INO, b"config", ROOT_INO, b"other") is True
+    # RENAME_EXCHANGE moves both files: the data of each is recorded first.
+    ns = mount.ns
+    mount.create(b"a", data_of("a0", E))
+    b = ns.create(ROOT_INO, b"b", 0o644, 0, 0).ino
+    ns.write(b, 0, data_of("b1", E + 7))
+    ns.release(b)
+    assert ns.rename_nowait(ROOT_INO, b"a", ROOT_INO, b"b", RENAME_EXCHANGE) is False
+    ns.rename(ROOT_INO, b"a", ROOT_INO, b"b", RENAME_EXCHANGE)
+    ns.fsync(ROOT_INO)
+    assert _committed_size(mount, b) == E + 7

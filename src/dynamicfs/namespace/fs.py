@@ -543,7 +543,8 @@ class Namespace:
                flags: int = 0) -> None:
         """Rename; a file that replaces another has its buffered data recorded first."""
         with self.lock:
-            self._record_replacing(old_parent, old_name, new_parent, new_name, wait=True)
+            self._record_replacing(old_parent, old_name, new_parent, new_name, flags,
+                                   wait=True)
             self._rename(old_parent, old_name, new_parent, new_name, flags)
 
     def rename_nowait(self, old_parent: int, old_name: bytes, new_parent: int,
@@ -551,30 +552,34 @@ class Namespace:
         """rename() if it need not wait for the flusher (see _record_replacing), else
         False (nothing done)."""
         with self.lock:
-            if not self._record_replacing(old_parent, old_name, new_parent, new_name,
+            if not self._record_replacing(old_parent, old_name, new_parent, new_name, flags,
                                           wait=False):
                 return False
             self._rename(old_parent, old_name, new_parent, new_name, flags)
             return True
 
     def _record_replacing(self, old_parent: int, old_name: bytes, new_parent: int,
-                          new_name: bytes, *, wait: bool) -> bool:
+                          new_name: bytes, flags: int, *, wait: bool) -> bool:
         """A file renamed over another (the write-then-rename way of replacing a file)
         gets its buffered data recorded before the rename, so that no commit holds the
         rename without that data: after a crash the name holds the old file or the new
         one whole, never a new one cut short (ext4's auto_da_alloc and btrfs do the
-        same). With wait=False, says False instead of waiting."""
+        same). RENAME_EXCHANGE: both files. With wait=False, says False instead of
+        waiting."""
         with self.meta.read() as conn:
             src = self._entry(conn, old_parent, old_name)
-            st = self.files.get(src) if src is not None else None
-            if src is None or st is None or not (st.dirty or st.pending) or \
-                    self._entry(conn, new_parent, new_name) is None:
-                return True
-        if not wait:
+            dst = self._entry(conn, new_parent, new_name)
+        if src is None or dst is None:
+            return True  # nothing replaced (or the rename fails by itself)
+        moved = [src, dst] if flags & RENAME_EXCHANGE else [src]
+        busy = [(ino, st) for ino in moved
+                if (st := self.files.get(ino)) is not None and (st.dirty or st.pending)]
+        if busy and not wait:
             return False
-        self._enqueue_dirty(src, st)
-        while st.pending:
-            self._wait_for_flusher()
+        for ino, st in busy:
+            self._enqueue_dirty(ino, st)
+            while st.pending:
+                self._wait_for_flusher()
         return True
 
     def _rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
