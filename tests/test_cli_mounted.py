@@ -109,3 +109,8 @@ def test_sync_makes_the_buffered_data_of_an_open_file_survive_a_crash(tmp_path: 
         m.mount()
         assert (m / "dir" / "open.bin").read_bytes() == data
         assert json.loads(cli("sync", m.pool, "--json").stdout)["mountpoint"] == str(m.mnt)
+        # Without a path: every DynamicFS mount of the machine, this one among them.
+        assert f"synced {m.mnt} (pool {m.pool}) in " in cli("sync").stdout
+        assert {"pool": str(m.pool), "mountpoint": str(m.mnt)}.items() <= \
+            next(d for d in json.loads(cli("sync", "--json").stdout)
+                 if d["mountpoint"] == str(m.mnt)).items()

@@ -55,7 +55,8 @@ def flexible(*names: str, optional: Sequence[str] = ()) -> Callable[[Command], C
             wrapper = click.option(f"--{name}", f"{name}_opt", metavar=name.upper(),
                                    help=f"the {name} (same as the positional form)")(wrapper)
         for name in reversed(names):
-            wrapper = click.argument(f"{name}_arg", metavar=name.upper(), required=False)(wrapper)
+            metavar = f"[{name.upper()}]" if name in optional else name.upper()
+            wrapper = click.argument(f"{name}_arg", metavar=metavar, required=False)(wrapper)
         return wrapper
     return decorate
 

@@ -4,10 +4,13 @@ and make what was written to it durable."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import click
 
 from dynamicfs.cli.common import flexible, print_json, run_op
+from dynamicfs.errors import DynamicFSError
 from dynamicfs.fuse import daemon
 from dynamicfs.observability.log import LEVELS
 
@@ -61,28 +64,61 @@ def register(cli: click.Group) -> None:
                                   help=unmount.help, hidden=True))
 
     @cli.command("sync")
-    @flexible("path")
+    @flexible("path", optional=("path",))
     @click.option("--json", "as_json", is_flag=True)
-    def sync(path: str, as_json: bool) -> None:
+    def sync(path: str | None, as_json: bool) -> None:
         """Make everything written to a mounted pool durable now.
 
-        PATH is the mountpoint, any path inside the mount, or the pool. Every file's
-        buffered data, open files included, goes to the disks and the metadata is
-        committed, as an fsync of every file would; sync(1) does not reach FUSE
-        filesystems. A pool that is not mounted has nothing buffered.
+        PATH is the mountpoint, any path inside the mount, or the pool; without it,
+        every DynamicFS mount of this machine. Every file's buffered data, open files
+        included, goes to the disks and the metadata is committed, as an fsync of every
+        file would; sync(1) does not reach FUSE filesystems. A pool that is not mounted
+        has nothing buffered.
         """
-        pool_dir, mountpoint = daemon.pool_of(path)
-        start = time.monotonic()
-        if mountpoint is not None:
-            run_op(str(pool_dir), "sync", show_progress=False)
-        seconds = time.monotonic() - start
+        if path is not None:
+            pool_dir, mountpoint = daemon.pool_of(path)
+            done = _sync(pool_dir, mountpoint)
+            if as_json:
+                print_json(done)
+            else:
+                click.echo(_synced_text(done))
+            return
+        results, failed = [], []
+        for mounted, pool in daemon.dynamicfs_mounts():
+            if pool is None:
+                failed.append(f"cannot tell which pool is mounted at {mounted}; run "
+                              "'dynamicfs sync POOL' with its pool directory")
+                continue
+            try:
+                results.append(_sync(pool, mounted))
+            except DynamicFSError as exc:
+                failed.append(f"{mounted}: {exc}")
         if as_json:
-            print_json({"pool": str(pool_dir), "mountpoint": mountpoint and str(mountpoint),
-                        "seconds": round(seconds, 3)})
-        elif mountpoint is None:
-            click.echo(f"pool {pool_dir} is not mounted: nothing is buffered")
+            print_json(results)
         else:
-            click.echo(f"synced {mountpoint} (pool {pool_dir}) in {seconds:.2f} s")
+            for done in results:
+                click.echo(_synced_text(done))
+            if not results and not failed:
+                click.echo("no DynamicFS mounts: nothing is buffered")
+        for line in failed:
+            click.echo(f"dynamicfs: error: {line}", err=True)
+        if failed:
+            raise click.exceptions.Exit(1)
+
+
+def _sync(pool_dir: Path, mountpoint: Path | None) -> dict[str, Any]:
+    """The mount daemon's sync operation for one pool (nothing to do when unmounted)."""
+    start = time.monotonic()
+    if mountpoint is not None:
+        run_op(str(pool_dir), "sync", show_progress=False)
+    return {"pool": str(pool_dir), "mountpoint": mountpoint and str(mountpoint),
+            "seconds": round(time.monotonic() - start, 3)}
+
+
+def _synced_text(done: dict[str, Any]) -> str:
+    if done["mountpoint"] is None:
+        return f"pool {done['pool']} is not mounted: nothing is buffered"
+    return f"synced {done['mountpoint']} (pool {done['pool']}) in {done['seconds']:.2f} s"
 
 
 def mount_pool(pool: str, mountpoint: str, options: tuple[str, ...] | list[str], *,

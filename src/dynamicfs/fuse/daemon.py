@@ -535,6 +535,12 @@ def pool_of(target: Path | str) -> tuple[Path, Path | None]:
     raise MountError(f"{target} is neither a pool nor inside a DynamicFS mount")
 
 
+def dynamicfs_mounts() -> list[tuple[Path, Path | None]]:
+    """(mountpoint, pool or None if it cannot tell) of every DynamicFS mount here."""
+    return [(Path(e.mountpoint), Path(e.source) if _is_pool(Path(e.source)) else None)
+            for e in mounts() if e.fstype == FSTYPE]
+
+
 def _is_pool(path: Path) -> bool:
     try:
         return is_pool(path)
