@@ -13,8 +13,12 @@ directory, and only then appends a line to JOURNAL (outside the mount, fsynced):
 A sealed file is never written again, so after a crash its content must be exactly
 the journalled one. Sometimes a sealed file is retired: the workload journals
 {"op": "?", ...} (it may be gone or still whole from here on), unlinks it, fsyncs the
-directory and journals {"op": "-", ...} (it must be gone). `expected(journal)` turns
-a journal into what must hold, path by path; a torn last line is ignored.
+directory and journals {"op": "-", ...} (it must be gone). Sometimes one is replaced
+the way editors and config writers do it: the workload journals {"op": "~", "size",
+"blake2b"} (the old content or this new one, whole, from here on), writes the new
+content to `<path>.new` and closes it without fsync, renames it over the path, fsyncs
+the directory and journals {"op": "+", ...} with the new content. `expected(journal)`
+turns a journal into what must hold, path by path; a torn last line is ignored.
 
 The workload stops at the first error (the mount went away) or after --ops operations.
 """
@@ -51,6 +55,7 @@ class Expected:
     blake2b: str
     may_be_gone: bool = False
     gone: bool = False
+    instead: tuple[int, str] | None = None  # (size, blake2b) it may hold instead
 
 
 def expected(journal: Path) -> dict[str, Expected]:
@@ -69,6 +74,9 @@ def expected(journal: Path) -> dict[str, Expected]:
             out[path] = Expected(path, entry["size"], entry["blake2b"])
         elif entry["op"] == "?":
             out[path] = Expected(path, out[path].size, out[path].blake2b, may_be_gone=True)
+        elif entry["op"] == "~":
+            out[path] = Expected(path, out[path].size, out[path].blake2b,
+                                 instead=(entry["size"], entry["blake2b"]))
         else:
             out[path] = Expected(path, 0, "", gone=True)
     return out
@@ -190,6 +198,16 @@ class Workload:
         self.fsync_dir(rel)
         self.note({"op": "-", "path": rel})
 
+    def replace(self) -> None:
+        rel = self.rng.choice(self.sealed)
+        data = self.data()
+        self.note({"op": "~", "path": rel, "size": len(data), "blake2b": digest(data)})
+        with open(self.root / f"{rel}.new", "wb") as f:
+            f.write(data)
+        os.rename(self.root / f"{rel}.new", self.root / rel)
+        self.fsync_dir(rel)
+        self.note({"op": "+", "path": rel, "size": len(data), "blake2b": digest(data)})
+
     def step(self) -> None:
         if not self.scratch:
             self.create()
@@ -197,6 +215,7 @@ class Workload:
         choices = [(self.create, 3 if len(self.scratch) < MAX_SCRATCH else 0),
                    (self.overwrite, 3), (self.append, 2), (self.truncate, 1),
                    (self.rename, 1), (self.unlink, 1), (self.seal, 3),
+                   (self.replace, 1 if self.sealed else 0),
                    (self.retire, 2 if len(self.sealed) > MAX_SEALED else 0)]
         ops, weights = zip(*choices, strict=True)
         self.rng.choices(ops, weights)[0]()

@@ -5,7 +5,9 @@ SIGKILL at a random moment, and then
 - the pool mounts again at once, although the dead daemon left mount.json, mount.pid
   and its control socket behind;
 - every file a workload fsynced (and journalled outside the mount) reads back byte
-  for byte, every retired one is gone, and every file in the mount is readable;
+  for byte, every retired one is gone, every one replaced by a new copy renamed over
+  it (not fsynced) holds the old or the new content whole, and every file in the
+  mount is readable;
 - `dynamicfs fsck` finds nothing wrong, `cleanup-orphans --older-than 0s` removes the
   fragments the crash left unreferenced, and `dynamicfs scrub` finds every extent
   healthy.
@@ -107,8 +109,9 @@ def check_journal(journal: Path, root: Path) -> int:
             assert not path.exists(), f"{rel} was unlinked and the directory fsynced"
             continue
         data = path.read_bytes()
-        assert (len(data), digest(data)) == (want.size, want.blake2b), \
-            f"{rel} differs from what was fsynced ({len(data)} bytes, {want.size} expected)"
+        assert (len(data), digest(data)) in [(want.size, want.blake2b), want.instead], \
+            f"{rel} differs from what was fsynced ({len(data)} bytes, {want.size} expected" + \
+            (f" or {want.instead[0]} replacing it)" if want.instead else ")")
         checked += 1
     return checked
 
