@@ -7,6 +7,7 @@ import errno
 import os
 import random
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -284,6 +285,27 @@ def test_a_commit_stores_a_size_only_as_far_as_the_data_is_recorded(mount: Mount
     assert mount.ns.read(grown, 0, 4 * E) == \
         data_of("old", 2 * E) + data_of("more", E // 2) + data_of("tail", E)
     assert mount.ns.read(extended, 0, 3 * E) == data_of("head", 4096) + bytes(3 * E - 4096)
+
+
+def test_a_chunk_pending_within_the_stored_size_does_not_hold_back_recorded_growth(
+        mount: Mount) -> None:
+    """An overwrite (or an `auto` rewrite) in flight within the committed size adds no
+    byte past it: a commit then stores the growth recorded meanwhile."""
+    ns = mount.ns
+    ino = mount.create(b"f", data_of("base", 2 * E))  # committed: 2 chunks
+    ns.write(ino, 2 * E, data_of("grow", 2 * E))  # chunks 2 and 3: handed over whole
+    deadline = time.monotonic() + 30
+    while set(mount.chunks(ino)) != {0, 1, 2, 3}:  # recorded, not committed
+        assert time.monotonic() < deadline, "the flusher did not record chunks 2 and 3"
+        time.sleep(0.001)
+    ns.write(ino, 10, b"overwritten")  # chunk 0 whole again: in flight
+    ns.fsync(ROOT_INO)  # the directory: commits at once, waiting for no file's data
+    assert _committed_size(mount, ino) == 4 * E
+    ns.fsync(ino)
+    ns.release(ino)
+    want = bytearray(data_of("base", 2 * E) + data_of("grow", 2 * E))
+    want[10:21] = b"overwritten"
+    assert ns.read(ino, 0, 4 * E) == bytes(want)
 
 
 def test_a_file_renamed_over_another_has_its_data_recorded_first(mount: Mount) -> None:

@@ -279,19 +279,24 @@ class Namespace:
 
     def _size_to_store(self, conn: Connection, ino: int, size: int) -> int:
         """The size the database gets for a file of `size` bytes: no more than its stored
-        size (as of this transaction) or the start of its first chunk not recorded yet,
-        whichever is larger. The rest waits in `unsized` until those chunks are recorded
-        (_finish), as ext4 and btrfs extend a file's size only with its data."""
+        size (as of this transaction) or the start of its first chunk that is not
+        recorded yet and reaches past that stored size, whichever is larger. (A chunk
+        not recorded yet within the stored size, an overwrite or an `auto` rewrite, adds
+        no byte past it: the bytes recorded before stay there until it is.) The rest
+        waits in `unsized` until those chunks are recorded (_finish), as ext4 and btrfs
+        extend a file's size only with its data."""
         st = self.files.get(ino)
         if st is None:
             return size
         pending = st.dirty.keys() | st.inflight.keys()
-        first = min(pending) * self.extent_size if pending else size
-        if size <= first:
+        if not pending or size <= min(pending) * self.extent_size:
             st.unsized = None
             return size
         row = conn.execute("SELECT size FROM inodes WHERE ino = ?", (ino,)).fetchone()
-        stored = min(size, max(row[0] if row else 0, first))
+        before = row[0] if row else 0
+        beyond = [c for c in pending if (c + 1) * self.extent_size > before]
+        first = min(beyond) * self.extent_size if beyond else size
+        stored = min(size, max(before, first))
         st.unsized = size if stored < size else None
         return stored
 
