@@ -521,9 +521,10 @@ def pool_of(target: Path | str) -> tuple[Path, Path | None]:
         mountpoint = Path(str(info["mountpoint"])) if info else None
         entry = find_mount(mountpoint) if mountpoint else None
         return path, mountpoint if entry and entry.fstype == FSTYPE else None
-    # The mount a path lies in is the one on its nearest ancestor that has one.
+    # The mount a path lies in is the topmost one on its nearest ancestor that has one.
+    topmost = {e.mountpoint: e for e in mounts()}
     for place in (path, *path.parents):
-        entry = find_mount(place)
+        entry = topmost.get(str(place))
         if entry is None:
             continue
         if entry.fstype != FSTYPE:

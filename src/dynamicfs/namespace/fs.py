@@ -255,7 +255,8 @@ class Namespace:
             self._policies.pop(ino, None)
 
     def _set(self, ino: int, **fields: int) -> None:
-        """Change hot fields of an inode in the cache only."""
+        """Change hot fields of an inode in the cache only (none given: mark its row to be
+        written as it is)."""
         if ino not in self._inodes:
             self._row(self.meta.conn, ino)
         row = self._inodes[ino]
@@ -582,9 +583,7 @@ class Namespace:
         if busy and not wait:
             return False
         for ino, st in busy:
-            self._enqueue_dirty(ino, st)
-            while st.pending:
-                self._wait_for_flusher()
+            self._write_back(ino, st)
         return True
 
     def _rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -757,9 +756,7 @@ class Namespace:
         with self.lock:
             st = self.files.get(ino)
             if st is not None:
-                self._enqueue_dirty(ino, st)
-                while st.pending:
-                    self._wait_for_flusher()
+                self._write_back(ino, st)
         self.meta.commit()
         with self.lock:
             if st is not None and st.error:
@@ -1085,6 +1082,13 @@ class Namespace:
         self._inflight_bytes += len(data)
         self._queue.put((ino, chunk, data))
 
+    def _write_back(self, ino: int, st: FileState) -> None:
+        """Hand the file's buffered chunks to the flusher and wait until every chunk of
+        it in flight is recorded (under the lock; not committed)."""
+        self._enqueue_dirty(ino, st)
+        while st.pending:
+            self._wait_for_flusher()
+
     def _enqueue_dirty(self, ino: int, st: FileState) -> None:
         for chunk in sorted(st.dirty):
             buf = st.dirty.pop(chunk)
@@ -1301,11 +1305,10 @@ class Namespace:
                 if failure:
                     st.error = failure
                 if st.unsized is not None and not st.dirty and not st.inflight:
-                    # Its data is recorded: the size can follow (the next commit). The
-                    # cached row has the size if cached (writes since may have grown
-                    # it), else `unsized` has it (_live).
+                    # Its data is recorded: the size can follow at the next commit. The
+                    # row, marked dirty, has it (cached, or from `unsized` via _live).
                     with contextlib.suppress(FsError):  # destroyed meanwhile
-                        self._set(ino, size=self._row(self.meta.conn, ino)[SIZE])
+                        self._set(ino)
                     st.unsized = None
                 if st.idle:
                     self.files.pop(ino, None)
