@@ -114,3 +114,31 @@ def test_sync_makes_the_buffered_data_of_an_open_file_survive_a_crash(tmp_path: 
         assert {"pool": str(m.pool), "mountpoint": str(m.mnt)}.items() <= \
             next(d for d in json.loads(cli("sync", "--json").stdout)
                  if d["mountpoint"] == str(m.mnt)).items()
+
+
+def test_commands_on_a_mount_whose_daemon_died_name_the_mount_and_the_way_out(
+        tmp_path: Path) -> None:
+    """After kill -9 of the daemon every path in the mount gives ENOTCONN: commands given
+    such a path (or the pool) say which mount is dead and how to clear it, in one line;
+    `sync` never claims to have synced it; `unmount` clears it."""
+    with mounted_pool(tmp_path) as m:
+        (m / "sub").mkdir()
+        cli("sync", m.mnt)
+        assert m.pid is not None
+        os.kill(m.pid, signal.SIGKILL)
+        wait_gone(m.pid)
+        m.pid = None
+        way_out = f"the DynamicFS mount at {m.mnt} is not connected"
+        for args in (("sync", m.mnt), ("sync", m.mnt / "sub"), ("sync", m.pool), ("sync",),
+                     ("status", m.mnt / "sub"), ("scrub", m.mnt),
+                     ("mount", m.pool, m.mnt / "sub"), ("add-disk", m.pool, m.mnt / "sub")):
+            done = cli(*args, check=False)
+            assert_one_line_error(done.returncode, done.stderr)
+            if args != ("sync",):  # other tests' mounts may be listed too
+                assert way_out in done.stderr, (args, done.stderr)
+                assert f"'dynamicfs unmount {m.mnt}'" in done.stderr
+            assert "synced" not in done.stdout
+        cli("unmount", m.mnt)
+        m.mount()
+        assert (m / "sub").is_dir()
+        assert cli("sync", m.mnt).stdout.startswith(f"synced {m.mnt}")

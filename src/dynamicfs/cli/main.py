@@ -1,11 +1,13 @@
 """The `dynamicfs` command: a click group; each family of commands lives in its own module.
 
-Errors a user can cause (DynamicFSError) print one line and exit non-zero; anything
-else is a bug and shows its traceback.
+Errors a user can cause (DynamicFSError, and ENOTCONN from a path in a FUSE mount whose
+daemon has stopped) print one line and exit non-zero; anything else is a bug and shows
+its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -66,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        from dynamicfs.fuse.daemon import not_connected  # pyfuse3: only when needed
+
+        click.echo(f"dynamicfs: error: {not_connected(exc.filename or '.')}", err=True)
+        return 1
     return 0
 
 

@@ -92,7 +92,7 @@ def register(cli: click.Group) -> None:
             try:
                 results.append(_sync(pool, mounted))
             except DynamicFSError as exc:
-                failed.append(f"{mounted}: {exc}")
+                failed.append(str(exc) if str(mounted) in str(exc) else f"{mounted}: {exc}")
         if as_json:
             print_json(results)
         else:
@@ -110,6 +110,7 @@ def _sync(pool_dir: Path, mountpoint: Path | None) -> dict[str, Any]:
     """The mount daemon's sync operation for one pool (nothing to do when unmounted)."""
     start = time.monotonic()
     if mountpoint is not None:
+        daemon.check_served(pool_dir, mountpoint)
         run_op(str(pool_dir), "sync", show_progress=False)
     return {"pool": str(pool_dir), "mountpoint": mountpoint and str(mountpoint),
             "seconds": round(time.monotonic() - start, 3)}

@@ -144,8 +144,7 @@ def check_mountable(pool: Path | str, mountpoint: Path | str,
                          f"'mkdir -p {mnt}'") from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise MountError(f"mountpoint {mnt} holds a dead FUSE mount; clear it with "
-                             f"'dynamicfs unmount {mnt}'") from None
+            raise MountError(f"cannot mount at {mnt}: {not_connected(mnt)}") from None
         raise MountError(f"cannot use mountpoint {mnt}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {mnt} is not a directory")
@@ -514,26 +513,56 @@ def pool_of(target: Path | str) -> tuple[Path, Path | None]:
     """The pool directory and mountpoint (None: not mounted) of `target`: a pool, a
     DynamicFS mountpoint or any path inside a DynamicFS mount."""
     path = Path(os.path.realpath(target))
-    if not path.exists():
-        raise MountError(f"{target} does not exist")
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise MountError(f"{target} does not exist") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:  # ENOTCONN: a mount whose daemon is gone, below
+            raise MountError(f"cannot reach {target}: {exc.strerror}") from None
     if _is_pool(path):
         info = _mount_info(path)
         mountpoint = Path(str(info["mountpoint"])) if info else None
         entry = find_mount(mountpoint) if mountpoint else None
         return path, mountpoint if entry and entry.fstype == FSTYPE else None
-    # The mount a path lies in is the topmost one on its nearest ancestor that has one.
-    topmost = {e.mountpoint: e for e in mounts()}
-    for place in (path, *path.parents):
-        entry = topmost.get(str(place))
-        if entry is None:
-            continue
-        if entry.fstype != FSTYPE:
-            break
+    found = _mount_holding(path)
+    if found is not None and found[1].fstype == FSTYPE:
+        place, entry = found
         if not _is_pool(Path(entry.source)):
             raise MountError(f"cannot tell which pool is mounted at {place}; give the pool "
                              "directory instead")
         return Path(entry.source), place
     raise MountError(f"{target} is neither a pool nor inside a DynamicFS mount")
+
+
+def _mount_holding(path: Path) -> tuple[Path, MountEntry] | None:
+    """The mount `path` lies in: the topmost one on its nearest ancestor that has one."""
+    topmost = {e.mountpoint: e for e in mounts()}
+    for place in (path, *path.parents):
+        entry = topmost.get(str(place))
+        if entry is not None:
+            return place, entry
+    return None
+
+
+def not_connected(path: Path | str) -> str:
+    """What to tell a user about `path`, which gave ENOTCONN: it lies in a FUSE mount
+    whose daemon has stopped."""
+    found = _mount_holding(Path(os.path.realpath(path)))
+    if found is None:
+        return f"{path} is not connected (a FUSE mount whose daemon has stopped?)"
+    place, entry = found
+    if entry.fstype != FSTYPE:
+        return (f"the FUSE mount at {place} is not connected: its daemon has stopped; "
+                f"clear it with 'fusermount3 -u {place}'")
+    return (f"the DynamicFS mount at {place} is not connected: its daemon has stopped; "
+            f"clear it with 'dynamicfs unmount {place}' and mount the pool again")
+
+
+def check_served(pool_dir: Path, mountpoint: Path) -> None:
+    """Raise MountError unless a mount daemon of `pool_dir` serves `mountpoint`."""
+    if _daemon_pid(pool_dir, mountpoint) is None:
+        raise MountError(not_connected(mountpoint))
 
 
 def dynamicfs_mounts() -> list[tuple[Path, Path | None]]:
