@@ -186,7 +186,8 @@ def test_init_refuses_a_read_only_directory(env: Env, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("capacity", ["12XB", "abc", "0", "-5G"])
+@pytest.mark.parametrize("capacity", ["12XB", "abc", "0", "-5G", "99999999999999999999T",
+                                      "9" * 400])
 def test_add_disk_refuses_a_malformed_capacity(env: Env, capsys: pytest.CaptureFixture[str],
                                                capacity: str, form: str) -> None:
     argv = (["add-disk", env.pool, env.new_disk] if form == "positional"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from admin_support import assert_one_line_error, data_of, sql
-from fusehelpers import cli, mounted_pool, wait_gone
+from fusehelpers import PY, cli, mounted_pool, wait_gone
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
@@ -129,16 +129,48 @@ def test_commands_on_a_mount_whose_daemon_died_name_the_mount_and_the_way_out(
         wait_gone(m.pid)
         m.pid = None
         way_out = f"the DynamicFS mount at {m.mnt} is not connected"
-        for args in (("sync", m.mnt), ("sync", m.mnt / "sub"), ("sync", m.pool), ("sync",),
+        for args in (("sync", m.mnt), ("sync", m.mnt / "sub"), ("sync", m.pool),
                      ("status", m.mnt / "sub"), ("scrub", m.mnt),
-                     ("mount", m.pool, m.mnt / "sub"), ("add-disk", m.pool, m.mnt / "sub")):
+                     ("mount", m.pool, m.mnt / "sub")):
             done = cli(*args, check=False)
             assert_one_line_error(done.returncode, done.stderr)
-            if args != ("sync",):  # other tests' mounts may be listed too
-                assert way_out in done.stderr, (args, done.stderr)
-                assert f"'dynamicfs unmount {m.mnt}'" in done.stderr
+            assert way_out in done.stderr, (args, done.stderr)
+            assert f"'dynamicfs unmount {m.mnt}'" in done.stderr
             assert f"synced {m.mnt} " not in done.stdout
         cli("unmount", m.mnt)
         m.mount()
         assert (m / "sub").is_dir()
         assert cli("sync", m.mnt).stdout.startswith(f"synced {m.mnt}")
+
+
+def test_disk_paths_are_the_callers_and_never_inside_the_pools_own_mount(
+        tmp_path: Path) -> None:
+    """A mounted pool's commands run in its daemon, whose working directory is /: a
+    relative disk path is the caller's all the same. A disk inside the pool's own mount
+    (the daemon would wait on itself) and a mountpoint hiding the pool directory or one
+    of its disks are refused in one line."""
+    with mounted_pool(tmp_path, disks=4) as m:
+        (tmp_path / "extra").mkdir()
+
+        def here(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([PY, "-m", "dynamicfs.cli.main", *args], cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=120)
+
+        done = here("add-disk", str(m.pool), "extra", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["path"] == str(tmp_path / "extra")
+        done = here("fail-disk", str(m.pool), "extra/", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["state"] == "failed"
+        (m / "inside").mkdir()
+        done = cli("add-disk", m.pool, m / "inside", check=False)
+        assert_one_line_error(done.returncode, done.stderr)
+        assert "the mount of this pool" in done.stderr
+        assert not (m / "inside" / "dynamicfs.label").exists()
+        (m / "f").write_bytes(b"still answers")
+        assert (m / "f").read_bytes() == b"still answers"
+    disk = next(p for p in tmp_path.iterdir() if p.name.startswith("disk"))
+    for mountpoint, what in ((disk, "holds disk"), (tmp_path, "holds the pool directory")):
+        done = cli("mount", m.pool, mountpoint, "-o", "nonempty", check=False, timeout=30)
+        assert_one_line_error(done.returncode, done.stderr)
+        assert what in done.stderr

@@ -139,3 +139,29 @@ def test_without_disks_json_the_disks_are_named_and_a_damaged_copy_is_skipped(
     assert {c["problem"] for c in r["candidates"] if not c["valid"]} == {
         "size or BLAKE3 differs from the manifest"}
     assert read_file(pool_dir, "a/one") == FIRST["a/one"]
+
+
+def test_forced_recoveries_within_one_second_keep_every_database_they_moved_aside(
+        pool_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("copy-metadata", str(pool_dir)) == 0
+    capsys.readouterr()
+    aside = []
+    for _ in range(3):
+        code, r = run_json(capsys, "recover-metadata", str(pool_dir), "--force")
+        assert code == 0
+        aside += r["moved_aside"]
+    assert len(set(aside)) == 3 and all(Path(p).is_file() for p in aside)
+
+
+def test_recover_refuses_a_disk_that_is_a_file_and_leaves_nothing_behind(
+        pool_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("copy-metadata", str(pool_dir)) == 0
+    before = sorted(p.name for p in pool_dir.iterdir())
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"x")
+    capsys.readouterr()
+    assert cli("recover-metadata", str(pool_dir), "--force", "--disk", str(afile)) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("dynamicfs: error: ") and "not a directory" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in pool_dir.iterdir()) == before

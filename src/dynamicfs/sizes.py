@@ -14,6 +14,7 @@ _UNITS = {
     "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+MAX_SIZE = (1 << 63) - 1  # what SQLite's INTEGER (and a file offset) holds
 
 
 def parse_size(text: str) -> int:
@@ -23,7 +24,12 @@ def parse_size(text: str) -> int:
     if not match or unit not in _UNITS:
         raise SizeError(f"malformed size {text!r}: use a number with an optional unit, "
                         "e.g. 512K, 1MiB, 20G")
-    value = int(float(match.group(1)) * _UNITS[unit])
+    try:
+        value = int(float(match.group(1)) * _UNITS[unit])
+    except OverflowError:  # float('1' * 400) is inf
+        value = MAX_SIZE + 1
+    if value > MAX_SIZE:
+        raise SizeError(f"size {text!r} is too large (at most 8 EiB)")
     if value <= 0:
         raise SizeError(f"size {text!r} must be greater than zero")
     return value

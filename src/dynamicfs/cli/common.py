@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -103,6 +105,16 @@ def run_op(pool_path: str, op: str, args: dict[str, Any] | None = None, *,
             raise
         with pool:
             return run_offline(pool, op, args, bar)  # logs to the pool, audits changes
+
+
+_ID_OR_UUID = re.compile(r"\d+|[0-9a-fA-F-]{8,36}")
+
+
+def disk_ref(ref: str) -> str:
+    """A disk argument as the pool's code resolves it wherever it runs: a path made
+    absolute here (a mount daemon's working directory is /, not the caller's); ids and
+    UUIDs (or their prefixes) as given."""
+    return ref if _ID_OR_UUID.fullmatch(ref) else os.path.abspath(ref)
 
 
 def print_json(value: Any) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
 
-from dynamicfs.cli.common import flexible, print_json, print_table, run_op
+from dynamicfs.cli.common import disk_ref, flexible, print_json, print_table, run_op
+from dynamicfs.fuse import daemon
 from dynamicfs.sizes import format_size, parse_size
 
 
@@ -28,7 +30,9 @@ def register(cli: click.Group) -> None:
     def add_disk(pool: str, disk: str, capacity: str | None, tier: str, as_json: bool) -> None:
         """Add directory DISK to POOL (works while the pool is mounted)."""
         cap = parse_size(capacity) if capacity is not None else None
-        row = run_op(pool, "add-disk", {"path": disk, "capacity": cap, "tier": tier})
+        path = os.path.abspath(disk)
+        daemon.check_outside_own_mount(pool, path)
+        row = run_op(pool, "add-disk", {"path": path, "capacity": cap, "tier": tier})
         if as_json:
             print_json(row)
         else:
@@ -62,8 +66,8 @@ def register(cli: click.Group) -> None:
                         as_json: bool) -> None:
         """Set the health STATE of DISK (id, path or UUID): healthy, suspect, degraded,
         draining or failed."""
-        row = run_op(pool, "set-disk-health", {"ref": disk, "state": state, "reason": reason,
-                                               "force": force})
+        row = run_op(pool, "set-disk-health", {"ref": disk_ref(disk), "state": state,
+                                               "reason": reason, "force": force})
         _show_disk(row, as_json)
 
     @cli.command("fail-disk")
@@ -73,7 +77,7 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True)
     def fail_disk(pool: str, disk: str, force: bool, as_json: bool) -> None:
         """Mark DISK failed: nothing is read from or written to it any more."""
-        row = run_op(pool, "fail-disk", {"ref": disk, "force": force})
+        row = run_op(pool, "fail-disk", {"ref": disk_ref(disk), "force": force})
         _show_disk(row, as_json)
 
     @cli.command("probe-disks")
@@ -95,7 +99,7 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True)
     def remove_disk(pool: str, disk: str, force: bool, as_json: bool) -> None:
         """Move every fragment off DISK to the other disks, then remove it from POOL."""
-        report = run_op(pool, "remove-disk", {"ref": disk, "force": force},
+        report = run_op(pool, "remove-disk", {"ref": disk_ref(disk), "force": force},
                         progress_label="draining", show_progress=not as_json)
         if as_json:
             print_json(report)

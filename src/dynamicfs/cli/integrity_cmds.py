@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from dynamicfs.admin.integrity import recover_metadata
-from dynamicfs.cli.common import flexible, print_json, print_table, run_op
+from dynamicfs.cli.common import disk_ref, flexible, print_json, print_table, run_op
 from dynamicfs.maintenance.gc import DEFAULT_GRACE, parse_age
 from dynamicfs.sizes import format_size
 
@@ -184,7 +184,7 @@ def register(cli: click.Group) -> None:
         Usage: dynamicfs what-if POOL --fail DISK [DISK...]. Exits 1 when files would
         become unreadable, else 0.
         """
-        disks = [*fail, *more]
+        disks = [disk_ref(d) for d in (*fail, *more)]
         if not disks:
             raise click.UsageError("name the disks to imagine failed: --fail DISK [DISK...]")
         result = run_op(pool, "what-if", {"fail": disks})

@@ -29,6 +29,7 @@ import logging
 import os
 import select
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -51,6 +52,7 @@ from dynamicfs.fuse.adapter import Operations
 from dynamicfs.maintenance.gc import SegmentSweeper
 from dynamicfs.maintenance.metacopy import PeriodicCopier
 from dynamicfs.maintenance.rebuilder import BackgroundRebuild
+from dynamicfs.meta.store import DB_NAME
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.observability.log import LEVELS, LOG_DIR, configure_for_pool, error, log
 from dynamicfs.observability.metrics import parse_address, start_metrics_server
@@ -148,6 +150,14 @@ def check_mountable(pool: Path | str, mountpoint: Path | str,
         raise MountError(f"cannot use mountpoint {mnt}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {mnt} is not a directory")
+    # The daemon would wait on itself for the pool's own files: it hangs.
+    if _inside(pool_dir.resolve(), mnt):
+        raise MountError(f"mountpoint {mnt} holds the pool directory {pool_dir}, which the "
+                         "mount would hide; mount it elsewhere")
+    for disk in _disk_paths(pool_dir):
+        if _inside(disk, mnt):
+            raise MountError(f"mountpoint {mnt} holds disk {disk} of this pool, which the "
+                             "mount would hide; mount it elsewhere")
     if entries and not options.nonempty:
         raise MountError(f"mountpoint {mnt} is not empty; use an empty directory or add "
                          "'-o nonempty' to hide its contents while mounted")
@@ -557,6 +567,34 @@ def not_connected(path: Path | str) -> str:
                 f"clear it with 'fusermount3 -u {place}'")
     return (f"the DynamicFS mount at {place} is not connected: its daemon has stopped; "
             f"clear it with 'dynamicfs unmount {place}' and mount the pool again")
+
+
+def _disk_paths(pool_dir: Path) -> list[Path]:
+    """The disk directories the pool's metadata lists (none if it cannot be read)."""
+    try:
+        conn = sqlite3.connect(f"{(pool_dir / DB_NAME).as_uri()}?mode=ro", uri=True)
+        try:
+            return [Path(p) for (p,) in conn.execute("SELECT path FROM disks")]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return []
+
+
+def check_outside_own_mount(pool: Path | str, path: Path | str) -> None:
+    """Refuse `path` as a disk of `pool` when it lies in a mount of that very pool: the
+    daemon would wait on itself to store data there."""
+    found = _mount_holding(Path(os.path.realpath(path)))
+    if found is None or found[1].fstype != FSTYPE:
+        return
+    place, entry = found
+    try:
+        same = _is_pool(Path(entry.source)) and os.path.samefile(entry.source, pool)
+    except OSError:  # no such pool: the command says so
+        return
+    if same:
+        raise MountError(f"{path} is inside {place}, the mount of this pool: a pool cannot "
+                         "keep its data in itself; use a directory outside the mount")
 
 
 def check_served(pool_dir: Path, mountpoint: Path) -> None:

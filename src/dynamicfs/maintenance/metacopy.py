@@ -398,6 +398,10 @@ def _recover(pool_dir: Path, disks: list[str], from_disk: str | None,
     if not dirs:
         raise PoolError(f"no disks known for {pool_dir} (no {DISKS_FILE}); name each disk "
                         "of the pool with --disk DIR")
+    for d in dirs:
+        if d.exists() and not d.is_dir():
+            raise PoolError(f"disk {d} is not a directory; name the pool's disk directories "
+                            "with --disk DIR")
     candidates = [c for d in dirs for c in find_copies(d)]
     valid = [c for c in candidates if c.valid and (expected is None or c.pool_uuid == expected)]
     pools = sorted({c.pool_uuid for c in valid})
@@ -410,10 +414,14 @@ def _recover(pool_dir: Path, disks: list[str], from_disk: str | None,
                         "with --disk DIR")
     best = max(valid, key=lambda c: (c.generation, c.created))
     staged = pool_dir / f".{DB_NAME}.recovering"
-    shutil.copyfile(best.path, staged)
-    epoch, moved = _adapt(staged, best.pool_uuid, dirs)
-    with open(staged, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        shutil.copyfile(best.path, staged)
+        epoch, moved = _adapt(staged, best.pool_uuid, dirs)
+        with open(staged, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
     aside = _move_aside(pool_dir, "replaced" if not problem else "corrupt")
     os.replace(staged, db)
     _fsync_dir(pool_dir)
@@ -456,7 +464,14 @@ def _adapt(staged: Path, pool_uuid: str, dirs: list[Path]) -> tuple[int, list[st
 
 
 def _move_aside(pool_dir: Path, why: str) -> list[str]:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    """Rename the database (and its -wal, -shm) to pool.db.WHY-STAMP; STAMP gains a
+    counter when that name is taken (two recoveries within a second)."""
+    stamp = base = time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while any((pool_dir / f"{DB_NAME}.{why}-{stamp}{suffix}").exists()
+              for suffix in ("", "-wal", "-shm")):
+        n += 1
+        stamp = f"{base}.{n}"
     moved = []
     for suffix in ("", "-wal", "-shm"):
         path = pool_dir / f"{DB_NAME}{suffix}"
