@@ -288,6 +288,42 @@ def test_a_full_pool_fails_writes_with_enospc_and_keeps_what_was_written(
     assert_clean(m.pool)
 
 
+def test_files_closed_without_fsync_on_a_filling_pool_are_kept_or_refused(
+        tmp_path: Path, fuse_available: None) -> None:
+    """Data written without fsync goes to the disks after close(); once the pool is
+    nearly full, a write must fail with ENOSPC at once rather than be taken and lost
+    at write-back: every file whose close() succeeded reads back whole, also after a
+    remount."""
+    m = small_disk_pool(tmp_path, disks=3, capacity=4 * MiB)
+    m.mount()
+    try:
+        kept: dict[str, bytes] = {}
+        failed = 0
+        for i in range(200):
+            name, data = f"c{i}", os.urandom(60_000)
+            try:
+                with open(m / name, "wb") as f:
+                    f.write(data)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                failed += 1
+                if failed == 3:
+                    break
+                continue
+            kept[name] = data
+        assert failed == 3 and len(kept) >= 40  # 12 MiB of disks, three copies
+        cli("sync", m.mnt)
+        for name, data in kept.items():
+            assert (m / name).read_bytes() == data, name
+        m.unmount()
+        m.mount()
+        for name, data in kept.items():
+            assert (m / name).read_bytes() == data, name
+        m.unmount()
+    finally:
+        m.force_unmount()
+
+
 # ---------------------------------------------------------------------- injected faults
 FAULT_CASES = {
     # spec: the errno the writer must get at last (None: every write must succeed)

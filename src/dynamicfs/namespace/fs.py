@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from sqlite3 import Connection
 from typing import Any
 
+from dynamicfs.disks import health
 from dynamicfs.engine.pool import Pool
 from dynamicfs.engine.store import PendingWrite, WrittenExtent
 from dynamicfs.errors import DynamicFSError, FsError, NoSpaceError, PolicyError
@@ -59,7 +60,7 @@ from dynamicfs.namespace.types import (
 )
 from dynamicfs.observability.log import error
 from dynamicfs.placement.placement import usable_capacity
-from dynamicfs.redundancy.policy import AUTO, AUTO_EC_THRESHOLD, parse_policy
+from dynamicfs.redundancy.policy import AUTO, AUTO_EC_THRESHOLD, Policy, parse_policy
 
 INFLIGHT_LIMIT = 64 * 1024 * 1024
 INODE_CACHE_SIZE = 65536
@@ -899,7 +900,7 @@ class Namespace:
             if not stat.S_ISREG(row[1]):
                 raise FsError(errno.EINVAL)
             file_size = row[6]
-            self._check_space(len(data))
+            self._check_space(len(data), self._policy_of(conn, ino), file_size)
             pos = 0
             view = memoryview(data)
             while pos < len(data):
@@ -972,8 +973,12 @@ class Namespace:
             self.release(ino)
             return True
 
-    def _check_space(self, nbytes: int) -> None:
-        """Fail a write with ENOSPC up front when no extent could be placed at all.
+    def _check_space(self, nbytes: int, policy_text: str | None, file_size: int) -> None:
+        """Fail a write with ENOSPC up front when the file's policy could not place it
+        after everything buffered or in flight is placed (as a filesystem with delayed
+        allocation reserves room at write time): the write-back would fail later, after
+        the program was told its data was taken. Each disk is assumed to take the
+        buffered data's share of the fullest placement (its bytes / k).
 
         A pool found roomy (every extent of the next ROOMY_FOR writes fits) is not looked
         at again for ROOMY_SECONDS: the write-back itself still fails with ENOSPC."""
@@ -981,12 +986,15 @@ class Namespace:
             return
         healthy = self.pool.healthy_disks()
         free = sorted((self.store.disk_free(d.id) for d in healthy), reverse=True)
-        policy = self.pool.resolve_policy(None, 0)
-        need = min(nbytes, self.extent_size) // policy.k + 4096
+        policy = self.pool.resolve_policy(policy_text, file_size)
+        E = self.extent_size
+        pending = self._dirty_bytes + self._inflight_bytes
+        reserved = pending // policy.k + (pending // E + 1) * 4096
+        need = min(nbytes, E) // policy.k + 4096
         room = free[policy.minimum - 1] if len(free) >= policy.minimum else 0
-        if room < need:
-            raise NoSpaceError("no room left on the pool's healthy disks")
-        if room >= ROOMY_FOR * (self.extent_size + 4096):
+        if room < reserved + need:
+            raise NoSpaceError(f"no room left for {policy} on the pool's healthy disks")
+        if room >= reserved + ROOMY_FOR * (E + 4096):
             self._roomy_until = time.monotonic() + ROOMY_SECONDS
 
     def _load_chunk(self, ino: int, st: FileState, chunk: int, file_size: int) -> bytearray:
@@ -1415,6 +1423,12 @@ class Namespace:
             policy = parse_policy(text.strip("\x00"))
         except PolicyError as exc:
             raise FsError(errno.EINVAL, str(exc)) from None
+        # An erasure code stores at least k+1 fragments on distinct disks (invariant 6):
+        # with fewer disks every write under it would fail. Replication degrades instead.
+        disks = sum(1 for d in self.pool.disks.values() if d.state != health.FAILED)
+        if isinstance(policy, Policy) and policy.kind == "ec" and policy.minimum > disks:
+            raise FsError(errno.EINVAL, f"{policy} needs at least {policy.minimum} disks; the "
+                                        f"pool has {disks} that are not failed")
         with self._change() as conn:
             self._row(conn, ino)
             conn.execute("UPDATE inodes SET policy = ?, ctime_ns = ? WHERE ino = ?",
