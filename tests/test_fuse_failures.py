@@ -324,6 +324,72 @@ def test_files_closed_without_fsync_on_a_filling_pool_are_kept_or_refused(
         m.force_unmount()
 
 
+def test_a_full_pool_directory_refuses_new_files_and_loses_none(
+        tmp_path: Path, fuse_available: None) -> None:
+    """The pool directory's filesystem running out of room: while under the metadata
+    reserve, creates and writes fail with ENOSPC and nothing already taken is lost
+    (a failed group commit would drop every change since the one before); deletes still
+    work; once there is room again the mount carries on. Unmounted, a pool whose
+    directory's filesystem is full gets a one-line error."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100M", "tmpfs", str(small)],
+                   check=True)
+    try:
+        pool_dir, paths = small / "pool", []
+        cli("init", pool_dir)
+        for i in range(3):
+            paths.append(tmp_path / f"disk{i}")
+            paths[-1].mkdir()
+            cli("add-disk", pool_dir, paths[-1])
+        (tmp_path / "mnt").mkdir()
+        m = Mount(pool_dir, tmp_path / "mnt", paths)
+        m.mount()
+        try:
+            kept = {f"a{i}": os.urandom(3000) for i in range(50)}
+            for name, data in kept.items():
+                (m / name).write_bytes(data)
+            filler = small / "filler"
+            # Leaves less than the 64 MiB reserve, looked at again after 0.1 s.
+            subprocess.run(["fallocate", "-l", str(70 << 20), str(filler)], check=True)
+            time.sleep(0.2)
+            for action in (lambda: (m / "b").write_bytes(b"x"), lambda: (m / "d").mkdir(),
+                           lambda: os.symlink("a0", m / "s")):
+                with pytest.raises(OSError) as refused:
+                    action()
+                assert refused.value.errno == errno.ENOSPC
+            os.unlink(m / "a49")
+            del kept["a49"]
+            cli("sync", m.mnt)
+            filler.unlink()
+            time.sleep(0.2)
+            kept["c"] = os.urandom(5000)
+            (m / "c").write_bytes(kept["c"])
+            m.unmount()
+            m.mount()
+            assert sorted(os.listdir(m.mnt)) == sorted(kept)
+            for name, data in kept.items():
+                assert (m / name).read_bytes() == data, name
+            m.unmount()
+        finally:
+            m.force_unmount()
+        with open(small / "filler", "wb") as f:  # every byte of it
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(bytes(1 << 20))
+        done = cli("status", pool_dir, check=False)
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"dynamicfs: error: cannot open the metadata database {pool_dir / 'pool.db'}: "
+            "its filesystem is full; free some space there"]
+        (small / "filler").unlink()
+        assert cli("status", pool_dir).returncode == 0
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
 # ---------------------------------------------------------------------- injected faults
 FAULT_CASES = {
     # spec: the errno the writer must get at last (None: every write must succeed)

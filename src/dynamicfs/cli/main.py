@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(code, int) and not isinstance(code, bool):
             return code
     except DynamicFSError as exc:
-        click.echo(f"dynamicfs: error: {exc}", err=True)
+        # Errors that are OSErrors too (ENOSPC, ...) say their text without "[Errno N]".
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        click.echo(f"dynamicfs: error: {text}", err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("dynamicfs: aborted", err=True)

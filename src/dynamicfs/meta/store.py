@@ -11,17 +11,22 @@ Rules:
   fails, the whole transaction is rolled back and the error raised: its changes are
   lost, as in a crash just before the commit.
 - An after-commit action registered inside a `write()` that rolls back is dropped.
+- SQLite may roll the whole transaction back on its own (a full disk, an I/O error):
+  that counts as a rollback (the after-rollback hooks run; the changes are lost, as in
+  a crash), and a full disk is raised as NoSpaceError (ENOSPC), so that the next
+  change starts a fresh transaction once there is room again.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dynamicfs.errors import PoolError
+from dynamicfs.errors import NoSpaceError, PoolError
 from dynamicfs.meta.schema import MIGRATIONS, SCHEMA_VERSION
 
 DB_NAME = "pool.db"
@@ -40,6 +45,9 @@ class MetaStore:
             self.conn.execute("PRAGMA foreign_keys=OFF")
             self.conn.execute("PRAGMA cache_size=-65536")
         except sqlite3.DatabaseError as exc:
+            if _nearly_full(self.path.parent):  # SQLite cannot start its WAL there
+                raise PoolError(f"cannot open the metadata database {self.path}: its "
+                                "filesystem is full; free some space there") from None
             raise PoolError(f"metadata database {self.path} is unreadable ({exc}); "
                             "run 'dynamicfs recover-metadata'") from None
         self.lock = threading.RLock()
@@ -84,18 +92,25 @@ class MetaStore:
             self._depth += 1
             name = f"op{self._depth}"
             mark = len(self._after_commit)
-            self.conn.execute(f"SAVEPOINT {name}")
             try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute(f"ROLLBACK TO {name}")
-                self.conn.execute(f"RELEASE {name}")
-                del self._after_commit[mark:]
+                self.conn.execute(f"SAVEPOINT {name}")
+                try:
+                    yield self.conn
+                except BaseException:
+                    if self.conn.in_transaction:
+                        self.conn.execute(f"ROLLBACK TO {name}")
+                        self.conn.execute(f"RELEASE {name}")
+                        del self._after_commit[mark:]
+                    raise
+                else:
+                    self.conn.execute(f"RELEASE {name}")
+            except sqlite3.Error as exc:
+                self._check_rolled_back()
+                _raise_if_full(exc, self.path)
                 raise
-            else:
-                self.conn.execute(f"RELEASE {name}")
             finally:
                 self._depth -= 1
+                self._check_rolled_back()
 
     def begin(self) -> None:
         """Open the group transaction, so that the next commit() runs its hooks.
@@ -149,17 +164,29 @@ class MetaStore:
                 # cannot prove they are: the transaction must never commit (invariant 3).
                 self.rollback()
                 raise
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._check_rolled_back()
+                _raise_if_full(exc, self.path)
+                raise
             self._in_tx = False
             self.commits += 1
             actions, self._after_commit = self._after_commit, []
         for action in actions:
             action()
 
+    def _check_rolled_back(self) -> None:
+        """After an error: if SQLite rolled the whole transaction back by itself, say so
+        (the hooks run as for rollback())."""
+        if self._in_tx and not self.conn.in_transaction:
+            self.rollback()
+
     def rollback(self) -> None:
         with self.lock:
             if self._in_tx:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
                 self._in_tx = False
                 self._after_commit = []
                 for hook in self.after_rollback:
@@ -169,6 +196,20 @@ class MetaStore:
         with self.lock:
             self.commit()
             self.conn.close()
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+def _raise_if_full(exc: sqlite3.Error, path: Path) -> None:
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        raise NoSpaceError(f"no space left for the metadata in {path.parent}; free some "
+                           "space on its filesystem") from None
 
 
 def _statements(script: str) -> list[str]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import queue
 import stat
 import threading
@@ -69,6 +70,7 @@ RECORD_SLICE = 32  # flushed chunks recorded per hold of the lock
 DIRTY_LIMIT = 96 * 1024 * 1024
 FLUSH_BATCH_BYTES = 16 * 1024 * 1024
 ROOMY_FOR, ROOMY_SECONDS = 256, 0.1  # see _check_space
+META_RESERVE = 64 << 20  # see _check_meta_room
 FLUSH_BATCH_ITEMS = 256
 # A batch of less than FLUSH_LINGER_BELOW bytes waits up to FLUSH_LINGER seconds for more
 # (many small files closed one after another: one batch, one hold of the lock, instead of
@@ -165,6 +167,7 @@ class Namespace:
         self._stored: dict[int, int] = {}
         self._policies: dict[int, str | None] = {}
         self._roomy_until = 0.0
+        self._meta_roomy_until = 0.0
         self._dirty_inodes: set[int] = set()
         self.meta.before_commit.insert(0, self._flush_inodes)
         self.meta.after_rollback.append(self._drop_cache)
@@ -411,6 +414,7 @@ class Namespace:
     def _new_inode(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                    rdev: int = 0, target: bytes | None = None) -> Attr:
         self._check_name(name)
+        self._check_meta_room()
         # Not a _change(): only the parent's cached row changes, so the inode cache stays
         # (creating many files would otherwise read every inode back after each one).
         with self.lock:
@@ -472,6 +476,7 @@ class Namespace:
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         self._check_name(new_name)
+        self._check_meta_room()
         with self._change() as conn:
             row = self._row(conn, ino)
             if stat.S_ISDIR(row[1]):
@@ -973,6 +978,25 @@ class Namespace:
             self.release(ino)
             return True
 
+    def _check_meta_room(self) -> None:
+        """ENOSPC for what adds to the metadata while the pool directory's filesystem has
+        less than META_RESERVE free: the next group commit needs room for its changes
+        (written to SQLite's WAL at COMMIT), and a commit that fails loses every change
+        since the one before, as a crash would. Deletes and truncates still run: they
+        give room back. Looked at again at most every ROOMY_SECONDS while roomy."""
+        now = time.monotonic()
+        if now < self._meta_roomy_until:
+            return
+        try:
+            st = os.statvfs(self.meta.path.parent)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < META_RESERVE:
+            raise NoSpaceError(f"{self.meta.path.parent} has {free >> 20} MiB free; the pool "
+                               f"keeps {META_RESERVE >> 20} MiB there for its metadata")
+        self._meta_roomy_until = now + ROOMY_SECONDS
+
     def _check_space(self, nbytes: int, policy_text: str | None, file_size: int) -> None:
         """Fail a write with ENOSPC up front when the file's policy could not place it
         after everything buffered or in flight is placed (as a filesystem with delayed
@@ -982,6 +1006,7 @@ class Namespace:
 
         A pool found roomy (every extent of the next ROOMY_FOR writes fits) is not looked
         at again for ROOMY_SECONDS: the write-back itself still fails with ENOSPC."""
+        self._check_meta_room()
         if time.monotonic() < self._roomy_until:
             return
         healthy = self.pool.healthy_disks()
