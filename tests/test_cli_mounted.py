@@ -167,6 +167,10 @@ def test_disk_paths_are_the_callers_and_never_inside_the_pools_own_mount(
         assert_one_line_error(done.returncode, done.stderr)
         assert "the mount of this pool" in done.stderr
         assert not (m / "inside" / "dynamicfs.label").exists()
+        for where in (m.mnt, m / "inside"):  # given where the pool belongs
+            done = cli("list-disks", where, check=False)
+            assert_one_line_error(done.returncode, done.stderr)
+            assert f"that mount's pool is {m.pool}" in done.stderr
         (m / "f").write_bytes(b"still answers")
         assert (m / "f").read_bytes() == b"still answers"
     disk = next(p for p in tmp_path.iterdir() if p.name.startswith("disk"))

@@ -26,6 +26,7 @@ from dynamicfs.disks.directory import DirectoryDisk
 from dynamicfs.errors import PoolBusyError, PoolError
 from dynamicfs.meta.schema import FORMAT_VERSION
 from dynamicfs.meta.store import DB_NAME, MetaStore
+from dynamicfs.mounttable import FSTYPE, mount_holding
 from dynamicfs.redundancy.codecs import RS_BACKEND
 from dynamicfs.redundancy.policy import AUTO, Policy, parse_policy, resolve_auto
 
@@ -89,6 +90,11 @@ def not_a_pool(pool_dir: Path) -> PoolError:
         return PoolError(f"{pool_dir} has lost its metadata database ({DB_NAME}); restore it "
                          f"from the copies on its disks with 'dynamicfs recover-metadata "
                          f"{pool_dir}'")
+    found = mount_holding(Path(os.path.realpath(pool_dir)))
+    if found is not None and found[1].fstype == FSTYPE:
+        place, entry = found
+        return PoolError(f"{pool_dir} is in the DynamicFS mount at {place}, not a pool "
+                         f"directory; that mount's pool is {entry.source}")
     return PoolError(f"{pool_dir} is not a DynamicFS pool (no {DB_NAME}); create one with "
                      f"'dynamicfs init {pool_dir}'")
 

@@ -53,6 +53,7 @@ from dynamicfs.maintenance.gc import SegmentSweeper
 from dynamicfs.maintenance.metacopy import PeriodicCopier
 from dynamicfs.maintenance.rebuilder import BackgroundRebuild
 from dynamicfs.meta.store import DB_NAME
+from dynamicfs.mounttable import FSTYPE, find_mount, mount_holding, mounts
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.observability.log import LEVELS, LOG_DIR, configure_for_pool, error, log
 from dynamicfs.observability.metrics import parse_address, start_metrics_server
@@ -60,7 +61,6 @@ from dynamicfs.observability.metrics import parse_address, start_metrics_server
 PID_FILE = "mount.pid"
 DAEMON_OUT = "daemon.out"
 GIL_SWITCH_INTERVAL = 0.0002
-FSTYPE = "fuse.dynamicfs"
 READ_AHEAD_KB = 1024
 START_TIMEOUT = 120.0
 EXIT_TIMEOUT = 600.0
@@ -170,54 +170,6 @@ def check_mountable(pool: Path | str, mountpoint: Path | str,
 def _inside(child: Path, parent: Path) -> bool:
     child, parent = child.resolve(), parent.resolve()
     return child == parent or parent in child.parents
-
-
-# ---------------------------------------------------------------------- mount table
-@dataclass(frozen=True)
-class MountEntry:
-    source: str
-    mountpoint: str
-    fstype: str
-    device: str  # "major:minor"
-
-
-def _unescape(field_: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as \\ooo octal."""
-    out, i = [], 0
-    while i < len(field_):
-        if field_[i] == "\\" and i + 3 < len(field_) and field_[i + 1:i + 4].isdigit():
-            out.append(chr(int(field_[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return "".join(out)
-
-
-def mounts() -> list[MountEntry]:
-    """The mounts this process sees, from /proc/self/mountinfo."""
-    entries = []
-    try:
-        text = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        before, sep, after = line.partition(" - ")
-        left, right = before.split(" "), after.split(" ")
-        if not sep or len(left) < 5 or len(right) < 2:
-            continue
-        entries.append(MountEntry(_unescape(right[1]), _unescape(left[4]), right[0], left[2]))
-    return entries
-
-
-def find_mount(mountpoint: Path | str) -> MountEntry | None:
-    """The topmost mount on `mountpoint`, or None."""
-    target = os.path.abspath(mountpoint)
-    found = None
-    for entry in mounts():
-        if entry.mountpoint == target:
-            found = entry
-    return found
 
 
 # ---------------------------------------------------------------------- the daemon
@@ -535,7 +487,7 @@ def pool_of(target: Path | str) -> tuple[Path, Path | None]:
         mountpoint = Path(str(info["mountpoint"])) if info else None
         entry = find_mount(mountpoint) if mountpoint else None
         return path, mountpoint if entry and entry.fstype == FSTYPE else None
-    found = _mount_holding(path)
+    found = mount_holding(path)
     if found is not None and found[1].fstype == FSTYPE:
         place, entry = found
         if not _is_pool(Path(entry.source)):
@@ -545,20 +497,10 @@ def pool_of(target: Path | str) -> tuple[Path, Path | None]:
     raise MountError(f"{target} is neither a pool nor inside a DynamicFS mount")
 
 
-def _mount_holding(path: Path) -> tuple[Path, MountEntry] | None:
-    """The mount `path` lies in: the topmost one on its nearest ancestor that has one."""
-    topmost = {e.mountpoint: e for e in mounts()}
-    for place in (path, *path.parents):
-        entry = topmost.get(str(place))
-        if entry is not None:
-            return place, entry
-    return None
-
-
 def not_connected(path: Path | str) -> str:
     """What to tell a user about `path`, which gave ENOTCONN: it lies in a FUSE mount
     whose daemon has stopped."""
-    found = _mount_holding(Path(os.path.realpath(path)))
+    found = mount_holding(Path(os.path.realpath(path)))
     if found is None:
         return f"{path} is not connected (a FUSE mount whose daemon has stopped?)"
     place, entry = found
@@ -584,7 +526,7 @@ def _disk_paths(pool_dir: Path) -> list[Path]:
 def check_outside_own_mount(pool: Path | str, path: Path | str) -> None:
     """Refuse `path` as a disk of `pool` when it lies in a mount of that very pool: the
     daemon would wait on itself to store data there."""
-    found = _mount_holding(Path(os.path.realpath(path)))
+    found = mount_holding(Path(os.path.realpath(path)))
     if found is None or found[1].fstype != FSTYPE:
         return
     place, entry = found
