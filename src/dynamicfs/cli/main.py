@@ -45,8 +45,8 @@ def _register_all() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _register_all()
     try:
+        _register_all()  # imports: Ctrl-C may come here too
         # Without standalone mode click returns (not raises) the code of
         # click.exceptions.Exit / ctx.exit(); commands use it to say what they found.
         code = cli.main(args=argv, prog_name="dynamicfs", standalone_mode=False)

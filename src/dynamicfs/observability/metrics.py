@@ -345,7 +345,7 @@ class MetricsServer:
             self.httpd: _Server = (_Server6 if is_v6 else _Server)((host, port), handler)
         except OSError as exc:
             raise DynamicFSError(f"cannot serve metrics on {host}:{port}: {exc.strerror}; "
-                                 "pick another address with --metrics-address") from None
+                                 "pick another address or port") from None
         self.host = host
         self.port = int(self.httpd.server_address[1])
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
