@@ -175,6 +175,15 @@ def test_metrics_and_health_commands_offline(tmp_path: Path,
     code, out, _ = run(capsys, "health", pool_dir)
     assert code == 0 and "HEALTHY" in out
 
+    # A disk directory gone since the last probe: degraded at once, healthy once back.
+    disk = Path(json.loads(run(capsys, "list-disks", pool_dir, "--json")[1])[2]["path"])
+    disk.rename(disk.with_name("moved"))
+    code, out, _ = run(capsys, "health", pool_dir, "--json")
+    assert (code, json.loads(out)["status"]) == (1, "degraded")
+    assert any(f"disk 3 ({disk}) is missing" in p for p in json.loads(out)["problems"])
+    disk.with_name("moved").rename(disk)
+    assert run(capsys, "health", pool_dir)[0] == 0
+
     code, _, _ = run(capsys, "fail-disk", pool_dir, "1")
     assert code == 0
     code, out, _ = run(capsys, "health", pool_dir, "--json")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynamicfs.disks.health import COUNTS_FOR_REDUNDANCY, HEALTHY, READABLE
+from dynamicfs.disks.label import LABEL_NAME
 from dynamicfs.meta.schema import LOST_EXTENT
 
 if TYPE_CHECKING:
@@ -399,11 +400,16 @@ def build_report(pool: Pool, path_limit: int = DEFAULT_PATH_LIMIT) -> HealthRepo
         str(pool.path), pool.config.uuid, time.time(), HEALTHY_STATUS, 0, [], [], disks, counts,
         at_risk, backlog, manual_scrub(db, tables), background_scrub(db, tables),
         {state: len(ids) for state, ids in findings.items()}, generation, copies, lost)
-    judge(report, findings)
+    # A disk whose directory (or label) went away since it was last probed: its state
+    # still says healthy until a probe or a failed read; the report says so now.
+    missing = [d.id for d in disks if d.state != "failed"
+               and not os.path.isfile(os.path.join(d.path, LABEL_NAME))]
+    judge(report, findings, missing)
     return report
 
 
-def judge(report: HealthReport, findings: dict[str, list[int]]) -> None:
+def judge(report: HealthReport, findings: dict[str, list[int]],
+          missing: Iterable[int] = ()) -> None:
     """Fill status, exit_code, problems and warnings from the facts gathered."""
     problems, warnings = report.problems, report.warnings
     counts = report.extents
@@ -423,8 +429,12 @@ def judge(report: HealthReport, findings: dict[str, list[int]]) -> None:
                         "under-redundant extents")
     if report.repair_queue:
         problems.append(f"{report.repair_queue} extents wait for repair")
+    gone = set(missing)
     for d in report.disks:
-        if d.state not in (HEALTHY, "draining"):
+        if d.id in gone:
+            problems.append(f"disk {d.id} ({d.path}) is missing: no DynamicFS label there; "
+                            f"put it back, or run 'dynamicfs probe-disks {report.pool}'")
+        elif d.state not in (HEALTHY, "draining"):
             problems.append(f"disk {d.id} ({d.path}) is {d.state}"
                             + (f": {d.reason}" if d.reason else ""))
         elif d.state == "draining":
