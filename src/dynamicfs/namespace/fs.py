@@ -902,10 +902,11 @@ class Namespace:
                 raise FsError(code)
             with self.meta.read() as conn:
                 row = self._row(conn, ino)
+                policy = self._policy_of(conn, ino)
             if not stat.S_ISREG(row[1]):
                 raise FsError(errno.EINVAL)
             file_size = row[6]
-            self._check_space(len(data), self._policy_of(conn, ino), file_size)
+            self._check_space(len(data), policy, file_size)
             pos = 0
             view = memoryview(data)
             while pos < len(data):
