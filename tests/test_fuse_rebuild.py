@@ -38,7 +38,10 @@ def test_a_failed_disk_is_rebuilt_in_the_background_while_files_stay_readable(
         deadline = time.monotonic() + 90
         while True:
             status = _status(m.pool)
-            if status["under_redundant"] == 0 and status["unreadable"] == 0:
+            # The pass's state is saved when its round ends, just after its last record.
+            rebuild = status.get("rebuild")
+            if status["under_redundant"] == 0 and status["unreadable"] == 0 and \
+                    rebuild is not None and not rebuild["active"]:
                 break
             assert time.monotonic() < deadline, f"rebuild did not finish: {status}"
             time.sleep(0.5)
