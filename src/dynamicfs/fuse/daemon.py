@@ -151,7 +151,7 @@ def check_mountable(pool: Path | str, mountpoint: Path | str,
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {mnt} is not a directory")
     # The daemon would wait on itself for the pool's own files: it hangs.
-    if _inside(pool_dir.resolve(), mnt):
+    if _inside(pool_dir, mnt):
         raise MountError(f"mountpoint {mnt} holds the pool directory {pool_dir}, which the "
                          "mount would hide; mount it elsewhere")
     for disk in _disk_paths(pool_dir):

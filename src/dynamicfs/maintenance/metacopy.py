@@ -463,17 +463,20 @@ def _adapt(staged: Path, pool_uuid: str, dirs: list[Path]) -> tuple[int, list[st
     return epoch, moved
 
 
+_DB_SUFFIXES = ("", "-wal", "-shm")  # the database and SQLite's files beside it
+
+
 def _move_aside(pool_dir: Path, why: str) -> list[str]:
     """Rename the database (and its -wal, -shm) to pool.db.WHY-STAMP; STAMP gains a
     counter when that name is taken (two recoveries within a second)."""
     stamp = base = time.strftime("%Y%m%d-%H%M%S")
     n = 1
     while any((pool_dir / f"{DB_NAME}.{why}-{stamp}{suffix}").exists()
-              for suffix in ("", "-wal", "-shm")):
+              for suffix in _DB_SUFFIXES):
         n += 1
         stamp = f"{base}.{n}"
     moved = []
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in _DB_SUFFIXES:
         path = pool_dir / f"{DB_NAME}{suffix}"
         if path.exists():
             dest = pool_dir / f"{DB_NAME}.{why}-{stamp}{suffix}"

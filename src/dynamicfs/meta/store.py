@@ -105,10 +105,9 @@ class MetaStore:
                 else:
                     self.conn.execute(f"RELEASE {name}")
             except sqlite3.Error as exc:
-                self._check_rolled_back()
                 _raise_if_full(exc, self.path)
                 raise
-            finally:
+            finally:  # before the error reaches the caller
                 self._depth -= 1
                 self._check_rolled_back()
 
