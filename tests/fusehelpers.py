@@ -26,10 +26,11 @@ CLI_TIMEOUT = 120
 
 
 def cli(*args: str | os.PathLike[str], check: bool = True,
-        timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run `dynamicfs ARGS` in a fresh process, as a user would."""
+        timeout: float = CLI_TIMEOUT, cwd: str | os.PathLike[str] = "/"
+        ) -> subprocess.CompletedProcess[str]:
+    """Run `dynamicfs ARGS` in a fresh process, as a user would (in `cwd`)."""
     done = subprocess.run([PY, "-m", "dynamicfs.cli.main", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd="/")
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and done.returncode != 0:
         raise AssertionError(f"dynamicfs {' '.join(map(str, args))} failed "
                              f"({done.returncode}): {done.stderr.strip()}")

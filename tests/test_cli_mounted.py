@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from admin_support import assert_one_line_error, data_of, sql
-from fusehelpers import PY, cli, mounted_pool, wait_gone
+from fusehelpers import cli, mounted_pool, wait_gone
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
@@ -151,16 +151,9 @@ def test_disk_paths_are_the_callers_and_never_inside_the_pools_own_mount(
     of its disks are refused in one line."""
     with mounted_pool(tmp_path, disks=4) as m:
         (tmp_path / "extra").mkdir()
-
-        def here(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([PY, "-m", "dynamicfs.cli.main", *args], cwd=tmp_path,
-                                  capture_output=True, text=True, timeout=120)
-
-        done = here("add-disk", str(m.pool), "extra", "--json")
-        assert done.returncode == 0, done.stderr
+        done = cli("add-disk", m.pool, "extra", "--json", cwd=tmp_path)
         assert json.loads(done.stdout)["path"] == str(tmp_path / "extra")
-        done = here("fail-disk", str(m.pool), "extra/", "--json")
-        assert done.returncode == 0, done.stderr
+        done = cli("fail-disk", m.pool, "extra/", "--json", cwd=tmp_path)
         assert json.loads(done.stdout)["state"] == "failed"
         (m / "inside").mkdir()
         done = cli("add-disk", m.pool, m / "inside", check=False)
