@@ -9,8 +9,8 @@ plain directory of that device, with the ratio and the target:
   a run's first large write is slow) and, after unmount, cache drop and remount,
   sequential read, with replicate:3 and with ec:4+2;
 - N files of 4 KiB in 100 directories: create, `ls -lR` (cold), read all, delete; and
-  the create on a do-nothing pyfuse3 filesystem (null_fuse.py), the floor under any
-  Python FUSE daemon on this machine;
+  the create on a do-nothing filesystem on the same FUSE session (null_fuse.py), the
+  floor under the mount daemon on this machine;
 - extracting a source tarball with thousands of files (the Python standard library),
   then `diff -r` against the plain copy;
   the create and the extraction are timed until they are durable: `sync` on the plain
@@ -244,9 +244,9 @@ class Bench:
             target = "<= 10x" if what == "create" else "-"
             self.record(f"{self.files} x 4 KiB {what}", [r[i] for r in results["plain"]],
                         [r[i] for r in results["dfs"]], "s", target)
-        self.record(f"{self.files} x 4 KiB create, do-nothing pyfuse3 filesystem",
+        self.record(f"{self.files} x 4 KiB create, do-nothing filesystem",
                     [r[0] for r in results["plain"]], null, "s",
-                    "(floor of any Python daemon)")
+                    "(floor of the FUSE session)")
 
     def null_create(self, per_dir: int, run: int) -> float:
         """The create loop on benchmarks/null_fuse.py (no flush, nothing stored)."""

@@ -227,25 +227,6 @@ def test_fsync_reports_a_failed_fragment_sync_and_the_pool_carries_on(mount: Mou
     assert dangling == 0
 
 
-def test_read_nowait_serves_only_what_is_in_the_cache(mount: Mount) -> None:
-    data = random.Random(21).randbytes(5 * E + 123)
-    ino = mount.create(b"ahead", data)
-    mount.remount()
-    ns = mount.ns
-    ns.open(ino)
-    assert ns.read_nowait(ino, 2 * E, E) is None  # nothing read yet: it would have to wait
-    # A sequential reader: each read starts read-ahead of the next extents.
-    got = bytearray()
-    for offset in range(0, len(data), E):
-        got += ns.read(ino, offset, E)
-    assert got == data
-    for offset in range(0, len(data), E):  # all of it is cached now
-        assert ns.read_nowait(ino, offset, E) == data[offset: offset + E]
-    assert ns.read_nowait(ino, E - 10, 20) == data[E - 10: E + 10]
-    assert ns.read_nowait(ino, len(data), E) == b""
-    ns.release(ino)
-
-
 def _committed_size(mount: Mount, ino: int) -> int:
     """The size a crash would leave: what a second connection sees of the database."""
     conn = sqlite3.connect(mount.pool.meta.path)
@@ -314,24 +295,21 @@ def test_a_file_renamed_over_another_has_its_data_recorded_first(mount: Mount) -
     new = ns.create(ROOT_INO, b"config.tmp", 0o644, 0, 0).ino
     ns.write(new, 0, data_of("new", E + 100))
     ns.release(new)  # closed, its data handed to the flusher, not fsynced
-    # The event loop's rename_nowait would have to wait for the flusher: it does nothing.
-    assert ns.rename_nowait(ROOT_INO, b"config.tmp", ROOT_INO, b"config") is False
-    assert ns.lookup(ROOT_INO, b"config.tmp").ino == new
     ns.rename(ROOT_INO, b"config.tmp", ROOT_INO, b"config")
     ns.fsync(ROOT_INO)  # the directory: commits without waiting for any file's data
     assert _committed_size(mount, new) == E + 100
     mount.remount()
     assert mount.ns.read(mount.ns.lookup(ROOT_INO, b"config").ino, 0, 2 * E) == \
         data_of("new", E + 100)
-    # A rename that replaces nothing, or moves a file with nothing buffered, is done at once.
-    assert mount.ns.rename_nowait(ROOT_INO, b"config", ROOT_INO, b"other") is True
+    # A rename that replaces nothing, or moves a file with nothing buffered, just renames.
+    mount.ns.rename(ROOT_INO, b"config", ROOT_INO, b"other")
+    assert mount.ns.lookup(ROOT_INO, b"other").ino == new
     # RENAME_EXCHANGE moves both files: the data of each is recorded first.
     ns = mount.ns
     mount.create(b"a", data_of("a0", E))
     b = ns.create(ROOT_INO, b"b", 0o644, 0, 0).ino
     ns.write(b, 0, data_of("b1", E + 7))
     ns.release(b)
-    assert ns.rename_nowait(ROOT_INO, b"a", ROOT_INO, b"b", RENAME_EXCHANGE) is False
     ns.rename(ROOT_INO, b"a", ROOT_INO, b"b", RENAME_EXCHANGE)
     ns.fsync(ROOT_INO)
     assert _committed_size(mount, b) == E + 7

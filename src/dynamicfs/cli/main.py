@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise
-        from dynamicfs.fuse.daemon import not_connected  # pyfuse3: only when needed
+        from dynamicfs.fuse.daemon import not_connected  # only when needed
 
         click.echo(f"dynamicfs: error: {not_connected(exc.filename or '.')}", err=True)
         return 1

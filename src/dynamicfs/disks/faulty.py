@@ -19,6 +19,8 @@ faults      eio       raise OSError(EIO), nothing done
                       byte, default the middle of the file)
             crash     from then on writes, deletes and syncs report success but reach
                       nothing: the disk as a process saw it just before a power cut
+            slow      wait `at` milliseconds (default 2000), then read as usual (read
+                      only): a disk that answers late
 
 The same rules can come from a spec string, e.g. in the environment variable
 DYNAMICFS_FAULTS, so a mount daemon can run on faulty disks:
@@ -34,6 +36,7 @@ import collections
 import errno
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +50,8 @@ if TYPE_CHECKING:
 
 ENV_VAR = "DYNAMICFS_FAULTS"
 OPERATIONS = ("read", "write", "sync", "delete")
-FAULTS = ("eio", "enospc", "short", "bitflip", "crash")
+FAULTS = ("eio", "enospc", "short", "bitflip", "crash", "slow")
+SLOW_DEFAULT_MS = 2000
 # Where a write that never reached a crashed disk claims to be: a segment that does not
 # exist (segment names are fragment ids, and this one is never used).
 LOST_LOCATION = (0, 0)
@@ -57,6 +61,7 @@ _ALLOWED = {
     "short": {"write"},
     "bitflip": {"read"},
     "crash": {"write"},
+    "slow": {"read"},
 }
 
 
@@ -70,7 +75,7 @@ class FaultRule:
     fault: str
     after: int = 0
     times: int | None = None
-    at: int | None = None  # bitflip: byte offset in the fragment
+    at: int | None = None  # bitflip: byte offset in the fragment; slow: milliseconds
 
     def __post_init__(self) -> None:
         if self.op not in OPERATIONS:
@@ -179,6 +184,8 @@ class FaultyDisk:
         rule = self._fault("read", ref.id)
         if rule is not None and rule.fault == "eio":
             raise _eio(f"read of fragment {ref.id:x}")
+        if rule is not None and rule.fault == "slow":
+            time.sleep((SLOW_DEFAULT_MS if rule.at is None else rule.at) / 1000)
         raw = self.inner.read_fragment(ref)
         if rule is not None and rule.fault == "bitflip" and raw:
             at = len(raw) // 2 if rule.at is None else min(rule.at, len(raw) - 1)

@@ -1,27 +1,25 @@
-"""The pyfuse3 adapter: each FUSE request becomes one call of the namespace.
+"""The FUSE adapter: each FUSE request becomes one call of the namespace.
 
-Owns the translation between FUSE and the namespace and nothing else: inode numbers
-are the namespace's, a file handle is the inode number of the opened file (the
-namespace counts opens per inode), errors become errno values. POSIX semantics,
-buffering and durability live in namespace/fs.py.
+Owns the translation between FUSE requests (fuse/protocol.py) and the namespace and
+nothing else: inode numbers are the namespace's, a file handle is the inode number of
+the opened file (the namespace counts opens per inode), errors become errno values.
+POSIX semantics, buffering and durability live in namespace/fs.py; reading requests
+and writing replies is fuse/session.py's.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import re
 import stat
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
-
-import pyfuse3
-import trio
+from collections.abc import Callable
 
 from dynamicfs.errors import DynamicFSError
+from dynamicfs.fuse import protocol as fp
+from dynamicfs.fuse.session import Reply, ReplyError
 from dynamicfs.namespace.fs import Namespace
 from dynamicfs.namespace.types import Attr
 from dynamicfs.observability.log import error
@@ -31,12 +29,6 @@ from dynamicfs.observability.metrics import FUSE_OP_ERRORS, observe_fuse
 # changes them goes through this mount, so the kernel invalidates what it changes itself;
 # the timeout only bounds how stale st_blocks may look after a background conversion.
 CACHE_TIMEOUT = 1.0
-# How long the event loop waits for the namespace lock before handing a request to a
-# worker thread. The lock's holders (the flusher, the recorder) hold it briefly, but on
-# two busy cores one is often waiting for a CPU or the GIL just then: waiting up to
-# 1 ms took 1 GiB ec:4+2 writes from 399 to 443 MiB/s (mean of five pairs) and sent
-# 4% of the 1 MiB writes to a thread instead of 10% (those took 4 ms each).
-INLINE_LOCK_WAIT = 0.001
 # Write-only opens skip the page cache (FOPEN_DIRECT_IO): each write then goes to the
 # daemon without the kernel's copy into page-cache pages and without the
 # `security.capability` getxattr the kernel sends ahead of every cached write. Measured:
@@ -49,49 +41,10 @@ INLINE_LOCK_WAIT = 0.001
 WRITE_ONLY_DIRECT_SINCE = ((6, 19, 0), (6, 18, 10))
 # Large st_blksize makes cp, dd and friends use large buffers: one FUSE request per MiB.
 BLOCK_SIZE = 1024 * 1024
-READDIR_BATCH = 64
-# POSIX ACLs are not supported (enable_acl is off). Refusing to store them makes cp -a,
-# tar and rsync fall back to chmod; stored as plain xattrs they would leave modes stale.
+# POSIX ACLs are not supported (the INIT reply does not ask for them). Refusing to store
+# them makes cp -a, tar and rsync fall back to chmod; stored as plain xattrs they would
+# leave modes stale.
 ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"})
-
-T = TypeVar("T")
-P = ParamSpec("P")
-
-
-def _handler(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Time a request handler for the metrics and turn whatever it raises into FUSEError.
-
-    pyfuse3 ends its main loop on any other exception, which would hang the mount, so a
-    bug becomes EIO and a log entry instead.
-    """
-    op = handler.__name__
-
-    @functools.wraps(handler)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        start = time.perf_counter()
-        code = 0
-        try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError as exc:
-            code = exc.errno
-            raise
-        except OSError as exc:  # FsError and its subclasses, and real I/O errors
-            code = exc.errno or errno.EIO
-            raise pyfuse3.FUSEError(code) from None
-        except DynamicFSError as exc:
-            code = errno.EIO
-            error("request failed", op=op, reason=str(exc))
-            raise pyfuse3.FUSEError(code) from None
-        except Exception:
-            code = errno.EIO
-            error("request crashed", op=op, trace=traceback.format_exc())
-            raise pyfuse3.FUSEError(code) from None
-        finally:
-            observe_fuse(op, time.perf_counter() - start)
-            if code:
-                FUSE_OP_ERRORS.labels(op, errno.errorcode.get(code, str(code))).inc()
-
-    return wrapper
 
 
 def kernel_keeps_cache_right_around_direct_writes(release: str | None = None) -> bool:
@@ -105,310 +58,306 @@ def kernel_keeps_cache_right_around_direct_writes(release: str | None = None) ->
     return version >= newest or (version[:2] == backport[:2] and version >= backport)
 
 
-class Operations(pyfuse3.Operations):
-    """FUSE request handlers over one Namespace.
+class Operations:
+    """FUSE request handlers over one Namespace; `handle` is the session's handler.
 
     Concurrency rules:
-    - Handlers run as trio tasks in the daemon's one event-loop thread; pyfuse3 starts
-      a task per outstanding request (up to its max_tasks), so requests overlap.
-    - Namespace calls may block (disk I/O, waiting for the flusher, the metadata lock),
-      so they run in worker threads through `trio.to_thread.run_sync` (`_run`); the
-      namespace is thread-safe and does its own locking. Nothing here holds state
-      between requests except the namespace itself, so handlers need no locks.
-    - Exception (`_run_quick`): calls that only read or change metadata in memory and
-      SQLite (lookup, getattr, setattr without a size, readlink, getxattr, listxattr,
-      flush, readdir, and the changes of names: create, mknod, mkdir, symlink, link,
-      unlink, rmdir, rename (`rename_nowait`), setxattr, removexattr) run on the event
-      loop itself when the namespace lock is free at that moment. So do write, read and release when
-      the namespace can do them from memory at once (`_try_inline` with `write_nowait`,
-      `read_nowait` for extents already read ahead, `release_nowait`: no fragment to
-      read, no back-pressure); otherwise they go to a worker thread. A getxattr of a
-      name no inode has (the `security.capability` the kernel asks before every write)
-      is answered without even the lock (`xattr_never_set`). A thread hop costs ~80 us
-      here, more than such a call; `ls -lR` of 2,000 files got 2.5x faster. When the
-      lock is taken (a commit, the flusher recording a batch) they go to a worker
-      thread, so the loop never waits for the lock; write, read and release first wait
-      up to INLINE_LOCK_WAIT for it. Such namespace methods must never wait on a
-      condition nor touch fragments.
-    - `pyfuse3.readdir_reply` must be called from the event-loop thread: readdir
-      fetches a batch of entries (through `_run_quick`) and replies from the loop.
-    - Handlers raise only FUSEError, and each is timed for the metrics (`_handler`).
+    - Each request is handled on the session's worker thread that read it, start to
+      end; requests overlap (the session keeps a worker waiting for the next one).
+    - Handlers call the namespace directly and may block in it (fragment reads, the
+      flusher's back-pressure, the metadata lock, fsync); the namespace is thread-safe
+      and does its own locking. Nothing here holds state between requests except the
+      namespace itself, so handlers need no locks.
+    - Handlers return the reply's bytes (a sequence of buffers for large replies, sent
+      without joining them) and raise only ReplyError; `handle` times each request for
+      the metrics and turns anything else into an errno (a bug becomes EIO and a log
+      entry, never a request left unanswered).
 
     Meaning of the values handed to the kernel:
     - inode numbers are namespace inode numbers (the root is 1); generation is 0
       because inode numbers are never reused while the pool exists;
-    - a file handle `fh` is the inode number of the open file; open() and create()
-      count one open in the namespace and release() gives it back, so the namespace
-      knows when the last handle is gone (write-back, freeing unlinked files);
+    - a file handle `fh` is the inode number of the open file; open and create count
+      one open in the namespace and release gives it back, so the namespace knows when
+      the last handle is gone (write-back, freeing unlinked files);
     - a directory handle is the directory's inode number;
     - readdir offsets are the namespace's entry ids, stable while the directory
-      changes; "." and ".." are not listed (lookup answers them, and readdir would
+      changes; "." and ".." are not listed (lookup answers them, and readdirplus would
       have to leave their lookup counts alone);
-    - lookup counts are not tracked (forget is a no-op): the namespace keeps an
+    - lookup counts are not tracked (FORGET is ignored): the namespace keeps an
       unlinked inode exactly as long as it is open, and the kernel never needs an
       unopened, unlinked inode again.
     Permissions are checked by the kernel (mount option default_permissions), so
-    access() always allows. POSIX ACLs are not supported: setting one fails with
-    EOPNOTSUPP, which tools take as "use the mode bits".
+    ACCESS always allows. POSIX ACLs are not supported: setting one fails with
+    EOPNOTSUPP, which tools take as "use the mode bits". FALLOCATE is not answered
+    (ENOSYS: the kernel then fails fallocate(2) with EOPNOTSUPP and glibc's
+    posix_fallocate writes zeros instead).
     """
 
-    supports_dot_lookup = True
-    enable_writeback_cache = False
-    enable_acl = False
-
     def __init__(self, namespace: Namespace, *, timeout: float = CACHE_TIMEOUT) -> None:
-        super().__init__()
         self.ns = namespace
         self.timeout = timeout
         self.write_only_direct = kernel_keeps_cache_right_around_direct_writes()
+        self._handlers: dict[int, tuple[str, Callable[[fp.Request], Reply]]] = {
+            fp.LOOKUP: ("lookup", self.lookup), fp.GETATTR: ("getattr", self.getattr),
+            fp.SETATTR: ("setattr", self.setattr), fp.READLINK: ("readlink", self.readlink),
+            fp.SYMLINK: ("symlink", self.symlink), fp.MKNOD: ("mknod", self.mknod),
+            fp.MKDIR: ("mkdir", self.mkdir), fp.UNLINK: ("unlink", self.unlink),
+            fp.RMDIR: ("rmdir", self.rmdir), fp.RENAME: ("rename", self.rename),
+            fp.RENAME2: ("rename", self.rename2), fp.LINK: ("link", self.link),
+            fp.OPEN: ("open", self.open), fp.READ: ("read", self.read),
+            fp.WRITE: ("write", self.write), fp.STATFS: ("statfs", self.statfs),
+            fp.RELEASE: ("release", self.release), fp.FSYNC: ("fsync", self.fsync),
+            fp.SETXATTR: ("setxattr", self.setxattr), fp.GETXATTR: ("getxattr", self.getxattr),
+            fp.LISTXATTR: ("listxattr", self.listxattr),
+            fp.REMOVEXATTR: ("removexattr", self.removexattr),
+            fp.FLUSH: ("flush", self.flush), fp.OPENDIR: ("opendir", self.opendir),
+            fp.READDIR: ("readdir", self.readdir), fp.READDIRPLUS: ("readdir", self.readdirplus),
+            fp.RELEASEDIR: ("releasedir", self.releasedir),
+            fp.FSYNCDIR: ("fsyncdir", self.fsync), fp.ACCESS: ("access", self.access),
+            fp.CREATE: ("create", self.create),
+        }
 
-    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-
-    def _try_inline(self, fn: Callable[..., T], *args: Any) -> T | None:
-        """Call a namespace method that does its work only if it needs no waiting (it
-        returns None or False otherwise), if the namespace lock is free within
-        INLINE_LOCK_WAIT."""
-        lock = self.ns.lock
-        if not lock.acquire(timeout=INLINE_LOCK_WAIT):
-            return None
+    def handle(self, req: fp.Request) -> Reply:
+        """Answer one request (the session's handler): its reply, or ReplyError."""
+        found = self._handlers.get(req.opcode)
+        if found is None:
+            raise ReplyError(errno.ENOSYS)
+        op, handler = found
+        start = time.perf_counter()
+        code = 0
         try:
-            return fn(*args)
+            return handler(req)
+        except ReplyError as exc:
+            code = exc.errno
+            raise
+        except OSError as exc:  # FsError and its subclasses, and real I/O errors
+            code = exc.errno or errno.EIO
+            raise ReplyError(code) from None
+        except DynamicFSError as exc:
+            code = errno.EIO
+            error("request failed", op=op, reason=str(exc))
+            raise ReplyError(code) from None
+        except Exception:
+            code = errno.EIO
+            error("request crashed", op=op, trace=traceback.format_exc())
+            raise ReplyError(code) from None
         finally:
-            lock.release()
+            observe_fuse(op, time.perf_counter() - start)
+            if code:
+                FUSE_OP_ERRORS.labels(op, errno.errorcode.get(code, str(code))).inc()
 
-    async def _run_quick(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a metadata-only call inline if the namespace lock is free, else in a thread."""
-        lock = self.ns.lock
-        if lock.acquire(blocking=False):
-            try:
-                return fn(*args)
-            finally:
-                lock.release()
-        return await self._run(fn, *args)
+    def _entry(self, attr: Attr) -> bytes:
+        return fp.pack_entry(attr, BLOCK_SIZE, self.timeout)
 
-    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = attr.ino
-        entry.generation = 0
-        entry.entry_timeout = self.timeout
-        entry.attr_timeout = self.timeout
-        entry.st_mode = attr.mode
-        entry.st_nlink = attr.nlink
-        entry.st_uid = attr.uid
-        entry.st_gid = attr.gid
-        entry.st_rdev = attr.rdev
-        entry.st_size = attr.size
-        entry.st_blksize = BLOCK_SIZE
-        entry.st_blocks = attr.blocks
-        entry.st_atime_ns = attr.atime_ns
-        entry.st_mtime_ns = attr.mtime_ns
-        entry.st_ctime_ns = attr.ctime_ns
-        return entry
+    def _attr(self, attr: Attr) -> bytes:
+        return fp.pack_attr_out(attr, BLOCK_SIZE, self.timeout)
 
     # ------------------------------------------------------------------ names
-    @_handler
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._run_quick(self.ns.lookup, parent_inode, name))
+    def lookup(self, req: fp.Request) -> Reply:
+        (name,) = fp.names(req.args, 1)
+        return self._entry(self.ns.lookup(req.nodeid, name))
 
-    @_handler
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._run_quick(self.ns.getattr, inode))
+    def getattr(self, req: fp.Request) -> Reply:
+        return self._attr(self.ns.getattr(req.nodeid))
 
-    @_handler
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        # pyfuse3 has already replaced UTIME_NOW by the current time in `attr`.
-        change = functools.partial(
-            self.ns.setattr, inode,
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            size=attr.st_size if fields.update_size else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
-        # A new size may read and write file data; everything else is metadata.
-        run = self._run if fields.update_size else self._run_quick
-        return self._entry(await run(change))
+    def setattr(self, req: fp.Request) -> Reply:
+        (valid, _, _fh, size, _, atime, mtime, _, atime_ns, mtime_ns, _, mode, _, uid, gid,
+         _) = fp.SETATTR_IN.unpack_from(req.args)
+        now = time.time_ns()
 
-    @_handler
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._run_quick(self.ns.mknod, parent_inode, name, mode, rdev,
-                                           ctx.uid, ctx.gid))
+        def when(field: int, now_field: int, secs: int, nsecs: int) -> int | None:
+            if valid & now_field:
+                return now
+            return secs * 1_000_000_000 + nsecs if valid & field else None
 
-    @_handler
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._run_quick(self.ns.mkdir, parent_inode, name, mode,
-                                           ctx.uid, ctx.gid))
+        return self._attr(self.ns.setattr(
+            req.nodeid,
+            mode=mode if valid & fp.FATTR_MODE else None,
+            uid=uid if valid & fp.FATTR_UID else None,
+            gid=gid if valid & fp.FATTR_GID else None,
+            size=size if valid & fp.FATTR_SIZE else None,
+            atime_ns=when(fp.FATTR_ATIME, fp.FATTR_ATIME_NOW, atime, atime_ns),
+            mtime_ns=when(fp.FATTR_MTIME, fp.FATTR_MTIME_NOW, mtime, mtime_ns)))
 
-    @_handler
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext
-                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        attr = await self._run_quick(self.ns.create, parent_inode, name, mode, ctx.uid, ctx.gid)
-        return self._file_info(attr.ino, flags), self._entry(attr)
+    def mknod(self, req: fp.Request) -> Reply:
+        mode, rdev, _, _ = fp.MKNOD_IN.unpack_from(req.args)
+        (name,) = fp.names(req.args[fp.MKNOD_IN.size:], 1)
+        return self._entry(self.ns.mknod(req.nodeid, name, mode, rdev, req.uid, req.gid))
 
-    @_handler
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._run_quick(self.ns.symlink, parent_inode, name, target,
-                                           ctx.uid, ctx.gid))
+    def mkdir(self, req: fp.Request) -> Reply:
+        mode, _ = fp.MKDIR_IN.unpack_from(req.args)
+        (name,) = fp.names(req.args[fp.MKDIR_IN.size:], 1)
+        return self._entry(self.ns.mkdir(req.nodeid, name, mode, req.uid, req.gid))
 
-    @_handler
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return await self._run_quick(self.ns.readlink, inode)
+    def create(self, req: fp.Request) -> Reply:
+        flags, mode, _, _ = fp.CREATE_IN.unpack_from(req.args)
+        (name,) = fp.names(req.args[fp.CREATE_IN.size:], 1)
+        attr = self.ns.create(req.nodeid, name, mode, req.uid, req.gid)
+        return self._entry(attr) + self._open_reply(attr.ino, flags)
 
-    @_handler
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._run_quick(self.ns.link, inode, new_parent_inode, new_name))
+    def symlink(self, req: fp.Request) -> Reply:
+        name, target = fp.names(req.args, 2)
+        return self._entry(self.ns.symlink(req.nodeid, name, target, req.uid, req.gid))
 
-    @_handler
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._run_quick(self.ns.unlink, parent_inode, name)
+    def readlink(self, req: fp.Request) -> Reply:
+        return self.ns.readlink(req.nodeid)
 
-    @_handler
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._run_quick(self.ns.rmdir, parent_inode, name)
+    def link(self, req: fp.Request) -> Reply:
+        (ino,) = fp.LINK_IN.unpack_from(req.args)
+        (name,) = fp.names(req.args[fp.LINK_IN.size:], 1)
+        return self._entry(self.ns.link(ino, req.nodeid, name))
 
-    @_handler
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        # pyfuse3's RENAME_NOREPLACE/RENAME_EXCHANGE (1, 2) are the namespace's values.
-        # A file replacing another waits for its data to be recorded: in a thread.
-        if not await self._run_quick(self.ns.rename_nowait, parent_inode_old, name_old,
-                                     parent_inode_new, name_new, flags):
-            await self._run(self.ns.rename, parent_inode_old, name_old, parent_inode_new,
-                            name_new, flags)
+    def unlink(self, req: fp.Request) -> Reply:
+        (name,) = fp.names(req.args, 1)
+        self.ns.unlink(req.nodeid, name)
+        return b""
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        """Lookup counts are not tracked; see the class docstring."""
+    def rmdir(self, req: fp.Request) -> Reply:
+        (name,) = fp.names(req.args, 1)
+        self.ns.rmdir(req.nodeid, name)
+        return b""
 
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        return True
+    def rename(self, req: fp.Request) -> Reply:
+        (new_parent,) = fp.RENAME_IN.unpack_from(req.args)
+        old, new = fp.names(req.args[fp.RENAME_IN.size:], 2)
+        self.ns.rename(req.nodeid, old, new_parent, new, 0)
+        return b""
+
+    def rename2(self, req: fp.Request) -> Reply:
+        # RENAME_NOREPLACE and RENAME_EXCHANGE (1, 2) are the namespace's values.
+        new_parent, flags, _ = fp.RENAME2_IN.unpack_from(req.args)
+        old, new = fp.names(req.args[fp.RENAME2_IN.size:], 2)
+        self.ns.rename(req.nodeid, old, new_parent, new, flags)
+        return b""
+
+    def access(self, req: fp.Request) -> Reply:
+        return b""
 
     # ------------------------------------------------------------------ files
-    @_handler
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        await self._run_quick(self.ns.open, inode)
+    def open(self, req: fp.Request) -> Reply:
+        flags, _ = fp.OPEN_IN.unpack_from(req.args)
+        self.ns.open(req.nodeid)
         if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
-            # Only with atomic_o_trunc; otherwise the kernel sends setattr(size=0) itself.
+            # The INIT reply asks for atomic O_TRUNC: the kernel sends no setattr for it.
             try:
-                await self._run(self.ns.setattr, inode, size=0)
+                self.ns.setattr(req.nodeid, size=0)
             except BaseException:
-                await self._run(self.ns.release, inode)
+                self.ns.release(req.nodeid)
                 raise
-        return self._file_info(inode, flags)
+        return self._open_reply(req.nodeid, flags)
 
-    def _file_info(self, inode: int, flags: int) -> pyfuse3.FileInfo:
+    def _open_reply(self, inode: int, flags: int) -> bytes:
         """keep_cache: pages of this file stay valid across opens (every change to the
         file passes through this mount), so mmap and re-reads are served by the kernel.
         direct_io for write-only opens where the kernel allows it (WRITE_ONLY_DIRECT_SINCE)."""
-        direct = self.write_only_direct and flags & os.O_ACCMODE == os.O_WRONLY
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=direct)
+        open_flags = fp.FOPEN_KEEP_CACHE
+        if self.write_only_direct and flags & os.O_ACCMODE == os.O_WRONLY:
+            open_flags |= fp.FOPEN_DIRECT_IO
+        return fp.pack_open(inode, open_flags)
 
-    @_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
-        done = self._try_inline(self.ns.read_nowait, fh, off, size)
-        if done is not None:
-            return done
-        return await self._run(self.ns.read, fh, off, size)
+    def read(self, req: fp.Request) -> Reply:
+        fh, offset, size, _, _, _, _ = fp.READ_IN.unpack_from(req.args)
+        return self.ns.read(fh, offset, size)
 
-    @_handler
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        done = self._try_inline(self.ns.write_nowait, fh, off, buf)
-        if done is not None:
-            return done
-        return await self._run(self.ns.write, fh, off, buf)
+    def write(self, req: fp.Request) -> Reply:
+        fh, offset, size, _, _, _, _ = fp.WRITE_IN.unpack_from(req.args)
+        # A view of the worker's buffer: the namespace copies what it keeps.
+        data = req.args[fp.WRITE_IN.size:fp.WRITE_IN.size + size]
+        return fp.WRITE_OUT.pack(self.ns.write(fh, offset, data), 0)
 
-    @_handler
-    async def flush(self, fh: int) -> None:
-        await self._run_quick(self.ns.flush, fh)
+    def flush(self, req: fp.Request) -> Reply:
+        fh, _, _, _ = fp.FLUSH_IN.unpack_from(req.args)
+        self.ns.flush(fh)
+        return b""
 
-    @_handler
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._run(self.ns.fsync, fh, datasync)
+    def fsync(self, req: fp.Request) -> Reply:
+        fh, flags, _ = fp.FSYNC_IN.unpack_from(req.args)
+        self.ns.fsync(fh, bool(flags & fp.FSYNC_FDATASYNC))
+        return b""
 
-    @_handler
-    async def release(self, fh: int) -> None:
-        if not self._try_inline(self.ns.release_nowait, fh):
-            await self._run(self.ns.release, fh)
-
-    @_handler
-    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        # pyfuse3 3.5 does not dispatch FUSE_FALLOCATE (the kernel answers EOPNOTSUPP and
-        # glibc's posix_fallocate writes zeros instead); kept for when it does.
-        if mode != 0:
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        await self._run(self.ns.fallocate, fh, offset, length)
+    def release(self, req: fp.Request) -> Reply:
+        fh, _, _, _ = fp.RELEASE_IN.unpack_from(req.args)
+        self.ns.release(fh)
+        return b""
 
     # ------------------------------------------------------------------ directories
-    @_handler
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        attr = await self._run_quick(self.ns.getattr, inode)
-        if not stat.S_ISDIR(attr.mode):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+    def opendir(self, req: fp.Request) -> Reply:
+        if not stat.S_ISDIR(self.ns.getattr(req.nodeid).mode):
+            raise ReplyError(errno.ENOTDIR)
+        return fp.pack_open(req.nodeid, 0)
 
-    @_handler
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        offset = start_id
+    def readdir(self, req: fp.Request) -> Reply:
+        return self._listing(req, plus=False)
+
+    def readdirplus(self, req: fp.Request) -> Reply:
+        return self._listing(req, plus=True)
+
+    def _listing(self, req: fp.Request, *, plus: bool) -> Reply:
+        """As many entries after the request's offset as fit in its size."""
+        fh, offset, size, _, _, _, _ = fp.READ_IN.unpack_from(req.args)
+        # About as many entries as fit: ~180 bytes each with attributes, ~40 without.
+        batch = max(1, size // (180 if plus else 40))
+        parts: list[bytes] = []
+        used = 0
         while True:
-            # The kernel's buffer holds a few dozen entries: fetch about that many.
-            entries = await self._run_quick(self.ns.readdir, fh, offset, READDIR_BATCH)
+            entries = self.ns.readdir(fh, offset, batch)
             for entry in entries:
-                if not pyfuse3.readdir_reply(token, entry.name, self._entry(entry.attr),
-                                             entry.next_offset):
-                    return
+                if plus:
+                    part = fp.pack_direntplus(entry.name, entry.attr, BLOCK_SIZE,
+                                              self.timeout, entry.next_offset)
+                else:
+                    part = fp.pack_dirent(entry.name, entry.attr.ino, entry.attr.mode,
+                                          entry.next_offset)
+                if used + len(part) > size:
+                    return parts
+                parts.append(part)
+                used += len(part)
                 offset = entry.next_offset
-            if len(entries) < READDIR_BATCH:
-                return
+            if len(entries) < batch:
+                return parts
 
-    async def releasedir(self, fh: int) -> None:
-        pass
-
-    @_handler
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self._run(self.ns.fsync, fh, datasync)
+    def releasedir(self, req: fp.Request) -> Reply:
+        return b""
 
     # ------------------------------------------------------------------ xattrs
-    @_handler
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    def getxattr(self, req: fp.Request) -> Reply:
+        size, _ = fp.GETXATTR_IN.unpack_from(req.args)
+        (name,) = fp.names(req.args[fp.GETXATTR_IN.size:], 1)
         if self.ns.xattr_never_set(name):  # e.g. security.capability, before every write
-            raise pyfuse3.FUSEError(errno.ENODATA)
-        return await self._run_quick(self.ns.getxattr, inode, name)
+            raise ReplyError(errno.ENODATA)
+        return _sized(self.ns.getxattr(req.nodeid, name), size)
 
-    @_handler
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
+    def setxattr(self, req: fp.Request) -> Reply:
+        size, flags = fp.SETXATTR_IN.unpack_from(req.args)
+        rest = bytes(req.args[fp.SETXATTR_IN.size:])
+        name, _, tail = rest.partition(b"\0")
         if name in ACL_XATTRS:
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        await self._run_quick(self.ns.setxattr, inode, name, value)
+            raise ReplyError(errno.EOPNOTSUPP)
+        self.ns.setxattr(req.nodeid, name, tail[:size], flags)
+        return b""
 
-    @_handler
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        return await self._run_quick(self.ns.listxattr, inode)
+    def listxattr(self, req: fp.Request) -> Reply:
+        size, _ = fp.GETXATTR_IN.unpack_from(req.args)
+        names = self.ns.listxattr(req.nodeid)
+        return _sized(b"".join(name + b"\0" for name in names), size)
 
-    @_handler
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._run_quick(self.ns.removexattr, inode, name)
+    def removexattr(self, req: fp.Request) -> Reply:
+        (name,) = fp.names(req.args, 1)
+        self.ns.removexattr(req.nodeid, name)
+        return b""
 
     # ------------------------------------------------------------------ filesystem
-    @_handler
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        stats = await self._run(self.ns.statfs)
-        out = pyfuse3.StatvfsData()
-        out.f_bsize = stats.block_size
-        out.f_frsize = stats.fragment_size
-        out.f_blocks = stats.blocks
-        out.f_bfree = stats.blocks_free
-        out.f_bavail = stats.blocks_avail
-        out.f_files = stats.files
-        out.f_ffree = stats.files_free
-        out.f_favail = stats.files_free
-        out.f_namemax = stats.name_max
-        return out
+    def statfs(self, req: fp.Request) -> Reply:
+        s = self.ns.statfs()
+        return fp.STATFS_OUT.pack(s.blocks, s.blocks_free, s.blocks_avail, s.files,
+                                  s.files_free, s.block_size, s.name_max, s.fragment_size, 0)
+
+
+def _sized(value: bytes, size: int) -> bytes:
+    """An xattr reply: the value's size when asked with size 0, ERANGE when it is larger
+    than the caller's buffer."""
+    if size == 0:
+        return fp.GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise ReplyError(errno.ERANGE)
+    return value

@@ -2,13 +2,14 @@
 
 Start-up, each step undone in reverse at exit: configure the JSON log
 (POOL/logs/dynamicfs.log), open the pool (takes POOL/pool.lock), start the namespace,
-mount through pyfuse3, write POOL/mount.json and POOL/mount.pid, start the control
+mount (fuse/session.py), write POOL/mount.json and POOL/mount.pid, start the control
 server (POOL/control.sock), raise the mount's read-ahead, tell the starter it is
 ready. It then serves FUSE requests until the filesystem is unmounted (`dynamicfs
 unmount`, `fusermount3 -u`, `umount`) or it gets SIGTERM or SIGINT, in which case it
-unmounts itself (lazily, as libfuse does). At exit every file is flushed and the
-metadata committed (Namespace.close(), then Pool.close()); mount.json, mount.pid and
-the control socket are removed.
+unmounts itself lazily (programs with files open there get ENOTCONN for anything
+they ask after that). At exit every file is flushed and the metadata committed
+(Namespace.close(), then Pool.close()); mount.json, mount.pid and the control socket
+are removed.
 
 `start_detached()` runs the daemon as `python -m dynamicfs.fuse.daemon` in a new
 session with its output in POOL/logs/daemon.out, and returns once the mount is ready
@@ -25,7 +26,6 @@ import argparse
 import contextlib
 import errno
 import json
-import logging
 import os
 import select
 import signal
@@ -33,14 +33,10 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pyfuse3
-import trio
 
 from dynamicfs.control.protocol import SOCKET_NAME
 from dynamicfs.control.server import ControlServer
@@ -49,6 +45,7 @@ from dynamicfs.disks.faulty import FaultSpecError, wrap_backends
 from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, check_pool_dir, is_pool
 from dynamicfs.errors import DynamicFSError, PoolBusyError
 from dynamicfs.fuse.adapter import Operations
+from dynamicfs.fuse.session import MountFailed, MountRequest, Session
 from dynamicfs.maintenance.gc import SegmentSweeper
 from dynamicfs.maintenance.metacopy import PeriodicCopier
 from dynamicfs.maintenance.rebuilder import BackgroundRebuild
@@ -65,7 +62,7 @@ READ_AHEAD_KB = 1024
 START_TIMEOUT = 120.0
 EXIT_TIMEOUT = 600.0
 
-# Options that mean something to mount(8) or fstab only; they never reach libfuse.
+# Options that mean something to mount(8) or fstab only; they never reach the mount.
 _FSTAB_ONLY = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser", "owner",
                "group", "_netdev", "nofail"}
 _FSTAB_ONLY_PREFIXES = ("x-", "comment=", "helper=")
@@ -79,7 +76,8 @@ class MountError(DynamicFSError):
 
 @dataclass
 class MountOptions:
-    """User mount options, split into what DynamicFS handles and what goes to libfuse."""
+    """User mount options, split into what the daemon handles and what goes to the
+    mount itself (fuse/session.MountRequest: mount flags, allow_other, allow_root)."""
 
     fuse: list[str] = field(default_factory=list)
     nonempty: bool = False
@@ -137,7 +135,7 @@ def check_mountable(pool: Path | str, mountpoint: Path | str,
                             f"(pid {info.get('pid')}); unmount it first with "
                             f"'dynamicfs unmount {info.get('mountpoint')}'") from None
     lock.release()
-    mnt = Path(os.path.realpath(mountpoint))  # libfuse mounts on what a symlink names
+    mnt = Path(os.path.realpath(mountpoint))  # mount(2) mounts on what a symlink names
     try:
         st = os.stat(mnt)
         entries = os.listdir(mnt) if stat.S_ISDIR(st.st_mode) else []
@@ -173,35 +171,16 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 # ---------------------------------------------------------------------- the daemon
-def fuse_options(pool_dir: Path, options: MountOptions) -> set[str]:
-    # The pool path as fsname lets `unmount` (and df, findmnt) find the pool of a mount;
-    # libfuse splits options at commas and pyfuse3 passes ASCII only.
+def mount_request(pool_dir: Path, mnt: Path, options: MountOptions) -> MountRequest:
+    """What to mount: the pool path as fsname lets `unmount` (and df, findmnt) find the
+    pool of a mount; the mount table splits fields at white space and options at commas."""
     path = str(pool_dir)
     fsname = path if path.isascii() and not any(c in path for c in ",\\ \t\n") else "dynamicfs"
-    return {f"fsname={fsname}", "subtype=dynamicfs", "default_permissions", *options.fuse}
-
-
-def _mount_fuse(ops: Operations, mountpoint: Path, opts: set[str]) -> None:
-    """pyfuse3.init, turning libfuse's complaint on stderr into the error message."""
-    with tempfile.TemporaryFile() as captured:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(captured.fileno(), 2)
-        failure: RuntimeError | None = None
-        try:
-            pyfuse3.init(ops, str(mountpoint), opts)
-        except RuntimeError as exc:
-            failure = exc
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        captured.seek(0)
-        said = captured.read().decode(errors="replace").strip()
-    if said:
-        log("libfuse said", text=said)
-    if failure is not None:
-        reason = said.splitlines()[-1] if said else str(failure)
-        raise MountError(f"cannot mount at {mountpoint}: {reason.removeprefix('fuse: ')}")
+    try:
+        return MountRequest(mnt, fsname, FSTYPE.removeprefix("fuse."),
+                            ["default_permissions", *options.fuse])
+    except MountFailed as exc:
+        raise MountError(str(exc)) from None
 
 
 def _raise_read_ahead(mountpoint: Path) -> None:
@@ -233,28 +212,20 @@ def _remove_mount_files(pool_dir: Path) -> None:
             (pool_dir / name).unlink()
 
 
-async def _serve_fuse(mountpoint: Path, ready: Callable[[], None]) -> None:
-    """Run the FUSE main loop until unmounted or told to stop by SIGTERM/SIGINT.
+def _serve_fuse(session: Session, ready: Callable[[], None]) -> None:
+    """Serve FUSE requests until unmounted or told to stop by SIGTERM/SIGINT.
 
-    `ready` is called once the mount answers requests.
+    `ready` is called once the mount answers requests. SIGTERM and SIGINT are blocked
+    in every thread (see serve()); this thread takes them with sigtimedwait.
     """
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-        async with trio.open_nursery() as nursery:
-            async def stop_on_signal() -> None:
-                async for signum in signals:
-                    log("stopping on signal", signal=signal.Signals(signum).name)
-                    pyfuse3.terminate()
-                    return
-
-            async def become_ready() -> None:
-                await trio.to_thread.run_sync(_raise_read_ahead, mountpoint)
-                ready()
-
-            nursery.start_soon(stop_on_signal)
-            nursery.start_soon(become_ready)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
+    session.start()
+    _raise_read_ahead(session.request.mountpoint)
+    ready()
+    while not session.ended.is_set():
+        got = signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, 0.25)
+        if got is not None:
+            log("stopping on signal", signal=signal.Signals(got.si_signo).name)
+            return
 
 
 def serve(pool: Path, mountpoint: Path, options: MountOptions, *, foreground: bool,
@@ -266,16 +237,16 @@ def serve(pool: Path, mountpoint: Path, options: MountOptions, *, foreground: bo
     """
     pool_dir, mnt = Path(pool).absolute(), Path(mountpoint).absolute()
     configure_for_pool(pool_dir, options.log_level, stderr=foreground)
-    _share_log_with_pyfuse3()
-    # The event loop answers most requests itself, between the flusher's and the disk
-    # writers' turns at the interpreter; a request that finds them running waits for
-    # the switch interval, and a writer such as dd sends its next request only after
-    # the reply. Measured here against Python's 5 ms: 1 ms created 10,000 small files
-    # ~9% faster; 0.2 ms then wrote 1 GiB of ec:4+2 ~6% faster than 1 ms (482 against
-    # 454 MiB/s over six pairs of runs) and small files ~5% faster.
+    # The FUSE workers answer requests between the flusher's and the disk writers'
+    # turns at the interpreter; a request that finds them running waits for the switch
+    # interval, and a writer such as dd sends its next request only after the reply.
+    # Measured here against Python's 5 ms: 1 ms created 10,000 small files ~9% faster;
+    # 0.2 ms then wrote 1 GiB of ec:4+2 ~6% faster than 1 ms (482 against 454 MiB/s
+    # over six pairs of runs) and small files ~5% faster.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    # Until the event loop listens for them, SIGTERM/SIGINT wait (threads started from
-    # here on inherit the mask): a signal during start-up must not leave a dead mount.
+    # SIGTERM/SIGINT stay blocked in every thread (threads started from here on inherit
+    # the mask) and wait for _serve_fuse to take them: a signal during start-up must not
+    # leave a dead mount.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         return _serve_pool(pool_dir, mnt, options, ready)
@@ -291,8 +262,14 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
         namespace = Namespace(pool_obj)
         copier = PeriodicCopier(pool_obj)
         try:
-            opts = fuse_options(pool_dir, options)
-            _mount_fuse(Operations(namespace), mnt, opts)
+            request = mount_request(pool_dir, mnt, options)
+            try:
+                session = Session(request, Operations(namespace).handle)
+            except MountFailed as exc:
+                raise MountError(str(exc)) from None
+            opts = {f"fsname={request.fsname}", f"subtype={request.subtype}",
+                    *request.flag_names(), *request.kernel,
+                    *(["allow_root"] if request.allow_root else [])}
             rebuilder = BackgroundRebuild(pool_obj)
             sweeper = SegmentSweeper(pool_obj)
             control = ControlServer(pool_obj, before_op=lambda name: namespace.sync_all())
@@ -307,17 +284,15 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
                     stop_metrics = start_metrics_server(pool_obj, options.metrics_address)
                 log("mounted", pool=str(pool_dir), mountpoint=str(mnt), options=sorted(opts),
                     pid=os.getpid())
-                trio.run(_serve_fuse, mnt, ready)
+                _serve_fuse(session, ready)
             finally:
-                # A second Ctrl-C or SIGTERM must not cut the flush short.
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
                 if stop_metrics is not None:
                     stop_metrics()
                 control.stop()
                 rebuilder.stop()
                 sweeper.stop()
                 copier.stop()
-                pyfuse3.close(unmount=True)
+                session.close()
                 log("unmounted", mountpoint=str(mnt))
         finally:
             namespace.close()
@@ -339,17 +314,6 @@ def _inject_faults(pool: Pool) -> None:
     except FaultSpecError as exc:
         raise MountError(f"{FAULTS_ENV}: {exc}") from None
     log("injecting disk faults", spec=spec, disks=sorted(wrapped))
-
-
-def _share_log_with_pyfuse3() -> None:
-    """pyfuse3 reports failed replies through stdlib logging: send them to our log."""
-    ours, theirs = logging.getLogger("dynamicfs"), logging.getLogger("pyfuse3")
-    for handler in list(theirs.handlers):
-        theirs.removeHandler(handler)
-    for handler in ours.handlers:
-        theirs.addHandler(handler)
-    theirs.propagate = False
-    theirs.setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------------- starting detached

@@ -555,42 +555,25 @@ class Namespace:
                flags: int = 0) -> None:
         """Rename; a file that replaces another has its buffered data recorded first."""
         with self.lock:
-            self._record_replacing(old_parent, old_name, new_parent, new_name, flags,
-                                   wait=True)
+            self._record_replacing(old_parent, old_name, new_parent, new_name, flags)
             self._rename(old_parent, old_name, new_parent, new_name, flags)
-
-    def rename_nowait(self, old_parent: int, old_name: bytes, new_parent: int,
-                      new_name: bytes, flags: int = 0) -> bool:
-        """rename() if it need not wait for the flusher (see _record_replacing), else
-        False (nothing done)."""
-        with self.lock:
-            if not self._record_replacing(old_parent, old_name, new_parent, new_name, flags,
-                                          wait=False):
-                return False
-            self._rename(old_parent, old_name, new_parent, new_name, flags)
-            return True
 
     def _record_replacing(self, old_parent: int, old_name: bytes, new_parent: int,
-                          new_name: bytes, flags: int, *, wait: bool) -> bool:
+                          new_name: bytes, flags: int) -> None:
         """A file renamed over another (the write-then-rename way of replacing a file)
         gets its buffered data recorded before the rename, so that no commit holds the
         rename without that data: after a crash the name holds the old file or the new
         one whole, never a new one cut short (ext4's auto_da_alloc and btrfs do the
-        same). RENAME_EXCHANGE: both files. With wait=False, says False instead of
-        waiting."""
+        same). RENAME_EXCHANGE: both files."""
         with self.meta.read() as conn:
             src = self._entry(conn, old_parent, old_name)
             dst = self._entry(conn, new_parent, new_name)
         if src is None or dst is None:
-            return True  # nothing replaced (or the rename fails by itself)
-        moved = [src, dst] if flags & RENAME_EXCHANGE else [src]
-        busy = [(ino, st) for ino in moved
-                if (st := self.files.get(ino)) is not None and (st.dirty or st.pending)]
-        if busy and not wait:
-            return False
-        for ino, st in busy:
-            self._write_back(ino, st)
-        return True
+            return  # nothing replaced (or the rename fails by itself)
+        for ino in [src, dst] if flags & RENAME_EXCHANGE else [src]:
+            st = self.files.get(ino)
+            if st is not None and (st.dirty or st.pending):
+                self._write_back(ino, st)
 
     def _rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                 flags: int) -> None:
@@ -790,23 +773,6 @@ class Namespace:
                 plan, length = again[:2]
         raise FsError(errno.EIO)
 
-    def read_nowait(self, ino: int, offset: int, size: int) -> bytes | memoryview | None:
-        """read() if every extent it needs is in the cache (read ahead already), else None.
-
-        For callers that must not wait (the FUSE event loop): no fragment to read.
-        """
-        with _reads_logged(ino, offset, size), self.lock:
-            plan, length, ahead = self._read_plan(ino, offset, size, read_ahead=True)
-            cached: list[tuple[int, int, bytes | memoryview | None]] = []
-            for chunk, start, src in plan:
-                data = self.store.cache.get(src) if isinstance(src, int) else src
-                if isinstance(src, int) and data is None:
-                    return None
-                cached.append((chunk, start, data))
-        if ahead:
-            self.store.prefetch(ahead)
-        return self._assemble(cached, offset, length)
-
     def _sequential(self, st: FileState | None, offset: int, size: int) -> bool:
         """Whether a read continues a sequential reader (and note where it ends)."""
         if st is None:
@@ -893,7 +859,7 @@ class Namespace:
         return parts[0].tobytes() if len(parts) == 1 and isinstance(parts[0], memoryview) \
             else b"".join(parts)
 
-    def write(self, ino: int, offset: int, data: bytes) -> int:
+    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
         E = self.extent_size
         with self.lock:
             st = self._state(ino)
@@ -917,10 +883,11 @@ class Namespace:
                 buf = st.dirty.get(chunk)
                 if buf is None:
                     if inoff == 0 and n == E:
-                        # A whole chunk: hand it over as it came (no copy when it is
-                        # the whole request, the common case of 1 MiB sequential writes).
-                        whole = isinstance(data, bytes) and n == len(data)
-                        self._enqueue(ino, st, chunk, data if whole else piece.tobytes())
+                        # A whole chunk: hand it over as it came when it is the whole
+                        # request in bytes of its own, else a copy (the FUSE adapter
+                        # passes a view of a buffer it reuses).
+                        own = data if isinstance(data, bytes) and n == len(data) else None
+                        self._enqueue(ino, st, chunk, own or piece.tobytes())
                         continue
                     buf = self._load_chunk(ino, st, chunk, file_size)
                     st.dirty[chunk] = buf
@@ -944,40 +911,6 @@ class Namespace:
             while self._inflight_bytes > INFLIGHT_LIMIT:
                 self._wait_for_flusher()
             return len(data)
-
-    def write_nowait(self, ino: int, offset: int, data: bytes) -> int | None:
-        """write() if it can be done from memory at once, else None (nothing done).
-
-        For callers that must not wait (the FUSE event loop): no fragment to read for a
-        partial chunk, no error to report, no back-pressure to wait for.
-        """
-        E = self.extent_size
-        with self.lock:
-            st = self.files.get(ino)
-            if st is None or st.error or \
-                    self._inflight_bytes + len(data) > INFLIGHT_LIMIT:
-                return None
-            size = self._row(self.meta.conn, ino)[SIZE]
-            first, last = offset // E, (offset + max(len(data), 1) - 1) // E
-            for chunk in range(first, last + 1):
-                whole = offset <= chunk * E and offset + len(data) >= (chunk + 1) * E
-                if not (whole or chunk in st.dirty or chunk in st.inflight
-                        or chunk * E >= size):
-                    return None
-            return self.write(ino, offset, data)
-
-    def release_nowait(self, ino: int) -> bool:
-        """release() if it needs no extent read (an `auto` rewrite), else False."""
-        with self.lock:
-            st = self.files.get(ino)
-            if st is not None and st.opens == 1 and st.written:
-                try:
-                    if self._row(self.meta.conn, ino)[SIZE] >= AUTO_EC_THRESHOLD:
-                        return False
-                except FsError:
-                    pass
-            self.release(ino)
-            return True
 
     def _check_meta_room(self) -> None:
         """ENOSPC for what adds to the metadata while the pool directory's filesystem has
