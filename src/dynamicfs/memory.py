@@ -9,6 +9,10 @@ of page faults: measured here, erasure coding of 1 MiB ran at 0.6 GB/s with 736 
 faults per call, and at 9.4 GB/s with none once these thresholds were raised. The
 process keeps up to TRIM_THRESHOLD of freed heap for reuse; the daemon's working set is
 bounded well below that by its own limits (dirty data, in-flight extents, caches).
+One heap (arena) for every thread: glibc otherwise gives threads that allocate at the
+same time heaps of their own, each keeping its freed memory; with the FUSE workers
+copying write data on their own threads, 1 GiB written under ec:4+2 peaked at 317 MiB
+against 208 MiB with one heap, at the same speed (488-627 against 424-595 MiB/s).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+ARENA_MAX = 1
 MMAP_THRESHOLD = 32 * 1024 * 1024  # the largest glibc accepts on 64-bit
 TRIM_THRESHOLD = 128 * 1024 * 1024
 
@@ -35,7 +41,8 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
-        bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and \
+        bool(mallopt(M_ARENA_MAX, ARENA_MAX))
     _tuned = ok
     return ok
 

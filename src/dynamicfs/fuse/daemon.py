@@ -45,7 +45,7 @@ from dynamicfs.disks.faulty import FaultSpecError, wrap_backends
 from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, check_pool_dir, is_pool
 from dynamicfs.errors import DynamicFSError, PoolBusyError
 from dynamicfs.fuse.adapter import Operations
-from dynamicfs.fuse.session import MountFailed, MountRequest, Session
+from dynamicfs.fuse.session import MountFailed, MountRequest, Session, split_options
 from dynamicfs.maintenance.gc import SegmentSweeper
 from dynamicfs.maintenance.metacopy import PeriodicCopier
 from dynamicfs.maintenance.rebuilder import BackgroundRebuild
@@ -105,6 +105,10 @@ def parse_options(groups: Iterable[str]) -> MountOptions:
                 raise MountError(f"mount option {opt!r} is not ASCII")
             elif opt not in out.fuse:
                 out.fuse.append(opt)
+    try:
+        split_options(out.fuse)  # refuse what the mount would refuse, before starting
+    except MountFailed as exc:
+        raise MountError(str(exc)) from None
     return out
 
 
@@ -263,10 +267,6 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
         copier = PeriodicCopier(pool_obj)
         try:
             request = mount_request(pool_dir, mnt, options)
-            try:
-                session = Session(request, Operations(namespace).handle)
-            except MountFailed as exc:
-                raise MountError(str(exc)) from None
             opts = {f"fsname={request.fsname}", f"subtype={request.subtype}",
                     *request.flag_names(), *request.kernel,
                     *(["allow_root"] if request.allow_root else [])}
@@ -274,6 +274,10 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
             sweeper = SegmentSweeper(pool_obj)
             control = ControlServer(pool_obj, before_op=lambda name: namespace.sync_all())
             stop_metrics: Callable[[], None] | None = None
+            try:
+                session = Session(request, Operations(namespace).handle)
+            except MountFailed as exc:
+                raise MountError(str(exc)) from None
             try:
                 _write_mount_files(pool_dir, mnt, opts)
                 control.start()

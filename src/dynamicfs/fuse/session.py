@@ -80,10 +80,34 @@ class MountFailed(Exception):
     """The mount could not be made; the message says why, in one line."""
 
 
+def split_options(options: Sequence[str]) -> tuple[int, list[str], bool]:
+    """The user's `-o` values as (mount flags, options for the kernel, allow_root);
+    MountFailed names the first option that is neither."""
+    chosen = dict.fromkeys(_DEFAULT_FLAGS, True)
+    kernel: list[str] = []
+    allow_root = False
+    for opt in options:
+        if opt in _FLAGS:
+            chosen[opt] = True
+        elif opt in _CLEARS:
+            chosen[_CLEARS[opt]] = False
+        elif opt in _KERNEL_OPTIONS:
+            if opt not in kernel:
+                kernel.append(opt)
+        elif opt == "allow_root":
+            allow_root = True
+        else:
+            raise MountFailed(f"unknown mount option {opt!r}")
+    if allow_root and "allow_other" in kernel:
+        raise MountFailed("mount options 'allow_other' and 'allow_root' exclude each other")
+    if allow_root:
+        kernel.append("allow_other")  # the session itself turns the others away
+    return sum(_FLAGS[name] for name, on in chosen.items() if on), kernel, allow_root
+
+
 @dataclass
 class MountRequest:
-    """What to mount where: `options` are the user's `-o` values (mount flags,
-    allow_other, allow_root, default_permissions)."""
+    """What to mount where: `options` are the user's `-o` values (see split_options)."""
 
     mountpoint: Path
     fsname: str
@@ -94,24 +118,7 @@ class MountRequest:
     allow_root: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        chosen = dict.fromkeys(_DEFAULT_FLAGS, True)
-        for opt in self.options:
-            if opt in _FLAGS:
-                chosen[opt] = True
-            elif opt in _CLEARS:
-                chosen[_CLEARS[opt]] = False
-            elif opt in _KERNEL_OPTIONS:
-                if opt not in self.kernel:
-                    self.kernel.append(opt)
-            elif opt == "allow_root":
-                self.allow_root = True
-            else:
-                raise MountFailed(f"unknown mount option {opt!r}")
-        if self.allow_root and "allow_other" in self.kernel:
-            raise MountFailed("mount options 'allow_other' and 'allow_root' exclude each other")
-        if self.allow_root:
-            self.kernel.append("allow_other")
-        self.flags = sum(_FLAGS[name] for name, on in chosen.items() if on)
+        self.flags, self.kernel, self.allow_root = split_options(self.options)
 
     def flag_names(self) -> list[str]:
         return [name for name, bit in _FLAGS.items() if self.flags & bit]
