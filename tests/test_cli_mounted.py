@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from admin_support import assert_one_line_error, data_of, sql
-from fusehelpers import cli, mounted_pool, wait_gone
+from dynamicfs.control.protocol import ANSWER_TIMEOUT_ENV
+from fusehelpers import PY, cli, mounted_pool, wait_gone
+from test_fuse_failures import faults
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_available")]
 
@@ -141,6 +143,38 @@ def test_commands_on_a_mount_whose_daemon_died_name_the_mount_and_the_way_out(
         m.mount()
         assert (m / "sub").is_dir()
         assert cli("sync", m.mnt).stdout.startswith(f"synced {m.mnt}")
+
+
+def test_commands_give_up_on_a_stopped_daemon_but_wait_for_a_slow_operation(
+        tmp_path: Path) -> None:
+    """A daemon that does not answer (SIGSTOP) makes status and sync fail in one line
+    after DYNAMICFS_ANSWER_TIMEOUT seconds instead of waiting forever; an operation
+    that runs longer than that without progress (the daemon sends heartbeats) ends
+    normally."""
+    env = {**os.environ, ANSWER_TIMEOUT_ENV: "2"}
+    with mounted_pool(tmp_path) as m:
+        (m / "f").write_bytes(data_of("f", 300_000))
+        assert m.pid is not None
+        os.kill(m.pid, signal.SIGSTOP)
+        try:
+            for args in (("status", m.pool), ("sync", m.pool)):
+                done = subprocess.run([PY, "-m", "dynamicfs.cli.main", *map(str, args)],
+                                      capture_output=True, text=True, env=env, timeout=60)
+                assert_one_line_error(done.returncode, done.stderr)
+                assert "has not answered for 2s" in done.stderr, done.stderr
+        finally:
+            os.kill(m.pid, signal.SIGCONT)
+        m.unmount()
+        # A scrub whose reads take 9 s each (a disk that answers late): longer than the
+        # client waits for a line, and it sends no progress until its first extent is
+        # done; the daemon's heartbeats keep the client waiting to the end.
+        with faults("read:slow:at=9000"):
+            m.mount()
+        done = subprocess.run([PY, "-m", "dynamicfs.cli.main", "scrub", str(m.pool)],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, ANSWER_TIMEOUT_ENV: "7"})
+        assert done.returncode == 0, done.stderr
+        assert "has not answered" not in done.stderr
 
 
 def test_disk_paths_are_the_callers_and_never_inside_the_pools_own_mount(

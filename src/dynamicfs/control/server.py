@@ -15,6 +15,7 @@ it, before the pool is closed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from dynamicfs.admin import registry
 from dynamicfs.admin.audited import run_audited
-from dynamicfs.control.protocol import SOCKET_NAME, lines, send
+from dynamicfs.control.protocol import HEARTBEAT, SOCKET_NAME, lines, send
 from dynamicfs.engine.pool import Pool
 from dynamicfs.errors import DynamicFSError
 from dynamicfs.maintenance.background import BackgroundScrub
@@ -101,12 +102,27 @@ class ControlServer:
             args = request.get("args") or {}
             actor = peer_actor(conn)
 
-            def progress(done: int, total: int, message: str) -> None:
-                try:
-                    send(conn, {"progress": [done, total, message]})
-                except OSError:
-                    pass
+            sending = threading.Lock()
 
+            def say(message: dict[str, object]) -> None:
+                with sending:
+                    send(conn, message)
+
+            def progress(done: int, total: int, message: str) -> None:
+                with contextlib.suppress(OSError):
+                    say({"progress": [done, total, message]})
+
+            done = threading.Event()
+
+            def heartbeat() -> None:  # the client gives up after silence (protocol.py)
+                while not done.wait(HEARTBEAT):
+                    try:
+                        say({"alive": True})
+                    except OSError:
+                        return
+
+            threading.Thread(target=heartbeat, daemon=True,
+                             name="dynamicfs-control-heartbeat").start()
             try:
                 op = registry.get(name)
                 if self.before_op is not None and name not in NO_FLUSH:
@@ -118,13 +134,13 @@ class ControlServer:
                 else:
                     result = run_audited(self.pool, name, args, actor, progress)
                 debug("admin operation", op=name, uid=actor.uid, via="control")
-                send(conn, {"result": result})
+                say({"result": result})
             except DynamicFSError as exc:
-                send(conn, {"error": str(exc), "exit_code": exc.exit_code})
+                say({"error": str(exc), "exit_code": exc.exit_code})
             except Exception as exc:  # a bug: keep the daemon alive, tell the client
                 error("admin operation crashed", op=name, trace=traceback.format_exc())
-                try:
-                    send(conn, {"error": f"internal error in {name}: {exc!r} "
-                                         "(see the pool's log)", "exit_code": 70})
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError):
+                    say({"error": f"internal error in {name}: {exc!r} "
+                                  "(see the pool's log)", "exit_code": 70})
+            finally:
+                done.set()

@@ -225,9 +225,12 @@ def _serve_fuse(session: Session, ready: Callable[[], None]) -> None:
     session.start()
     _raise_read_ahead(session.request.mountpoint)
     ready()
+    stop = {signal.SIGTERM, signal.SIGINT}
     while not session.ended.is_set():
-        got = signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, 0.25)
-        if got is not None:
+        got = signal.sigtimedwait(stop, 0.25)
+        # Python 3.11 hands back an unfilled siginfo when the wait was interrupted (by
+        # SIGSTOP and SIGCONT, say) past its timeout: only a signal asked for counts.
+        if got is not None and got.si_signo in stop:
             log("stopping on signal", signal=signal.Signals(got.si_signo).name)
             return
 
