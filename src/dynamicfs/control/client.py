@@ -48,5 +48,7 @@ def call(pool_dir: Path, op: str, args: dict[str, Any], progress: Progress | Non
             raise PoolBusyError(f"the mount daemon of {pool_dir} has not answered for "
                                 f"{timeout:.0f}s; it may be stopped or stuck (see "
                                 f"{Path(pool_dir) / 'mount.pid'} and the pool's log)") from None
+        except ConnectionError:
+            pass  # the daemon died mid-answer (a reset, not an end of file): said below
     raise PoolBusyError(f"the mount daemon of {pool_dir} closed the control connection "
                         "without an answer; see the pool's log")
