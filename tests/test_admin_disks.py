@@ -22,6 +22,7 @@ from admin_support import (
     read_files,
     read_only_view,
     run,
+    run_program,
     sql,
     write_files,
 )
@@ -183,6 +184,22 @@ def test_probe_makes_a_full_disk_suspect_and_heals_it_when_space_returns(
         assert "No space left on device" in rows[2]["reason"]
         filler.unlink()
         assert _probe(capsys, pool_dir)[2]["after"] == "healthy"
+
+
+def test_init_on_a_full_filesystem_leaves_nothing_behind(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A failed init leaves no half-made pool.db: the next init, once there is room,
+    succeeds, instead of finding "a pool" whose database is empty."""
+    with _tmpfs(tmp_path / "small", "1m") as small:
+        filler = _fill(small)
+        code, _, err = run(capsys, "init", small / "pool")
+        assert_one_line_error(code, err)
+        assert "full" in err
+        assert sorted(p.name for p in small.iterdir()) == ["filler"]
+        filler.unlink()
+        # In separate processes: an in-process command keeps the pool's log open.
+        assert run_program("init", small / "pool").returncode == 0
+        assert run_program("status", small / "pool").returncode == 0
 
 
 def test_a_good_probe_does_not_undo_an_operators_decision(

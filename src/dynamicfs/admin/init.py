@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -32,6 +33,7 @@ def init_pool(path: Path | str, extent_size: int = DEFAULT_EXTENT_SIZE,
         raise PoolError(f"{pool_dir} exists and is not a directory")
     if pool_dir.is_dir() and any(pool_dir.iterdir()):
         raise PoolError(f"{pool_dir} is not empty; a pool needs an empty or new directory")
+    new_dir = not pool_dir.exists()
     try:
         pool_dir.mkdir(parents=True, exist_ok=True)
         probe = pool_dir / ".dynamicfs-init"
@@ -39,6 +41,21 @@ def init_pool(path: Path | str, extent_size: int = DEFAULT_EXTENT_SIZE,
         probe.unlink()
     except OSError as exc:
         raise PoolError(f"cannot create pool in {pool_dir}: {exc.strerror}") from None
+    try:
+        return _create_metadata(pool_dir, extent_size, str(policy))
+    except BaseException:
+        # Leave nothing that looks like a pool: a half-made pool.db would make the next
+        # init refuse the directory and every command advise recover-metadata.
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                (pool_dir / (DB_NAME + suffix)).unlink()
+        if new_dir:
+            with contextlib.suppress(OSError):
+                pool_dir.rmdir()
+        raise
+
+
+def _create_metadata(pool_dir: Path, extent_size: int, policy: str) -> dict[str, object]:
     meta = MetaStore(pool_dir / DB_NAME, create=True)
     try:
         meta.migrate()
@@ -48,7 +65,7 @@ def init_pool(path: Path | str, extent_size: int = DEFAULT_EXTENT_SIZE,
         with meta.write() as conn:
             conn.execute("INSERT INTO pool (id, uuid, format_version, extent_size, default_policy, "
                          "codec, created, epoch) VALUES (1, ?, ?, ?, ?, ?, ?, 0)",
-                         (pool_uuid, FORMAT_VERSION, extent_size, str(policy), RS_BACKEND, now))
+                         (pool_uuid, FORMAT_VERSION, extent_size, policy, RS_BACKEND, now))
             conn.execute("INSERT INTO inodes (ino, mode, uid, gid, nlink, size, atime_ns, "
                          "mtime_ns, ctime_ns) VALUES (?, ?, ?, ?, 2, 0, ?, ?, ?)",
                          (ROOT_INO, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(),
@@ -59,4 +76,4 @@ def init_pool(path: Path | str, extent_size: int = DEFAULT_EXTENT_SIZE,
     finally:
         meta.conn.close()
     return {"pool": str(pool_dir), "uuid": pool_uuid, "extent_size": extent_size,
-            "default_policy": str(policy), "format_version": FORMAT_VERSION}
+            "default_policy": policy, "format_version": FORMAT_VERSION}

@@ -38,13 +38,17 @@ class MetaStore:
         if not create and not self.path.exists():
             raise PoolError(f"{self.path.parent} has no metadata database ({DB_NAME}); "
                             "run 'dynamicfs recover-metadata' or check the path")
+        conn: sqlite3.Connection | None = None
         try:
-            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.execute("PRAGMA foreign_keys=OFF")
-            self.conn.execute("PRAGMA cache_size=-65536")
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            conn.execute("PRAGMA cache_size=-65536")
+            self.conn = conn
         except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()  # no descriptor left open on a file the caller may remove
             if _nearly_full(self.path.parent):  # SQLite cannot start its WAL there
                 raise PoolError(f"cannot open the metadata database {self.path}: its "
                                 "filesystem is full; free some space there") from None
