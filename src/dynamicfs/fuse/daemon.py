@@ -45,7 +45,7 @@ from dynamicfs.disks.faulty import FaultSpecError, wrap_backends
 from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, check_pool_dir, is_pool
 from dynamicfs.errors import DynamicFSError, PoolBusyError
 from dynamicfs.fuse.adapter import Operations
-from dynamicfs.fuse.session import MountFailed, MountRequest, Session, split_options
+from dynamicfs.fuse.session import MountError, MountRequest, Session, split_options
 from dynamicfs.maintenance.gc import SegmentSweeper
 from dynamicfs.maintenance.metacopy import PeriodicCopier
 from dynamicfs.maintenance.rebuilder import BackgroundRebuild
@@ -68,10 +68,6 @@ _FSTAB_ONLY = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser", "o
 _FSTAB_ONLY_PREFIXES = ("x-", "comment=", "helper=")
 # Options DynamicFS sets itself.
 _RESERVED_PREFIXES = ("fsname=", "subtype=")
-
-
-class MountError(DynamicFSError):
-    """The mountpoint or the mount options are unusable, or mounting failed."""
 
 
 @dataclass
@@ -105,10 +101,7 @@ def parse_options(groups: Iterable[str]) -> MountOptions:
                 raise MountError(f"mount option {opt!r} is not ASCII")
             elif opt not in out.fuse:
                 out.fuse.append(opt)
-    try:
-        split_options(out.fuse)  # refuse what the mount would refuse, before starting
-    except MountFailed as exc:
-        raise MountError(str(exc)) from None
+    split_options(out.fuse)  # refuse what the mount would refuse, before starting
     return out
 
 
@@ -180,11 +173,8 @@ def mount_request(pool_dir: Path, mnt: Path, options: MountOptions) -> MountRequ
     pool of a mount; the mount table splits fields at white space and options at commas."""
     path = str(pool_dir)
     fsname = path if path.isascii() and not any(c in path for c in ",\\ \t\n") else "dynamicfs"
-    try:
-        return MountRequest(mnt, fsname, FSTYPE.removeprefix("fuse."),
-                            ["default_permissions", *options.fuse])
-    except MountFailed as exc:
-        raise MountError(str(exc)) from None
+    return MountRequest(mnt, fsname, FSTYPE.removeprefix("fuse."),
+                        ["default_permissions", *options.fuse])
 
 
 def _raise_read_ahead(mountpoint: Path) -> None:
@@ -270,17 +260,12 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
         copier = PeriodicCopier(pool_obj)
         try:
             request = mount_request(pool_dir, mnt, options)
-            opts = {f"fsname={request.fsname}", f"subtype={request.subtype}",
-                    *request.flag_names(), *request.kernel,
-                    *(["allow_root"] if request.allow_root else [])}
+            opts = {*request.option_names(), *(["allow_root"] if request.allow_root else [])}
             rebuilder = BackgroundRebuild(pool_obj)
             sweeper = SegmentSweeper(pool_obj)
             control = ControlServer(pool_obj, before_op=lambda name: namespace.sync_all())
             stop_metrics: Callable[[], None] | None = None
-            try:
-                session = Session(request, Operations(namespace).handle)
-            except MountFailed as exc:
-                raise MountError(str(exc)) from None
+            session = Session(request, Operations(namespace).handle)
             try:
                 _write_mount_files(pool_dir, mnt, opts)
                 control.start()

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynamicfs.errors import DynamicFSError
 from dynamicfs.fuse import protocol as fp
 from dynamicfs.observability.log import error, log
 
@@ -76,13 +77,14 @@ class ReplyError(Exception):
         self.errno = errno_
 
 
-class MountFailed(Exception):
-    """The mount could not be made; the message says why, in one line."""
+class MountError(DynamicFSError):
+    """The mountpoint or the mount options are unusable, or mounting failed; the
+    message says why, in one line."""
 
 
 def split_options(options: Sequence[str]) -> tuple[int, list[str], bool]:
     """The user's `-o` values as (mount flags, options for the kernel, allow_root);
-    MountFailed names the first option that is neither."""
+    MountError names the first option that is neither."""
     chosen = dict.fromkeys(_DEFAULT_FLAGS, True)
     kernel: list[str] = []
     allow_root = False
@@ -97,9 +99,9 @@ def split_options(options: Sequence[str]) -> tuple[int, list[str], bool]:
         elif opt == "allow_root":
             allow_root = True
         else:
-            raise MountFailed(f"unknown mount option {opt!r}")
+            raise MountError(f"unknown mount option {opt!r}")
     if allow_root and "allow_other" in kernel:
-        raise MountFailed("mount options 'allow_other' and 'allow_root' exclude each other")
+        raise MountError("mount options 'allow_other' and 'allow_root' exclude each other")
     if allow_root:
         kernel.append("allow_other")  # the session itself turns the others away
     return sum(_FLAGS[name] for name, on in chosen.items() if on), kernel, allow_root
@@ -120,8 +122,10 @@ class MountRequest:
     def __post_init__(self) -> None:
         self.flags, self.kernel, self.allow_root = split_options(self.options)
 
-    def flag_names(self) -> list[str]:
-        return [name for name, bit in _FLAGS.items() if self.flags & bit]
+    def option_names(self) -> list[str]:
+        """The mount's options as mount(8) and fusermount3 name them."""
+        return [f"fsname={self.fsname}", f"subtype={self.subtype}",
+                *(name for name, bit in _FLAGS.items() if self.flags & bit), *self.kernel]
 
 
 Handler = Callable[[fp.Request], Reply]
@@ -261,7 +265,7 @@ class Session:
             while self._busy and time.monotonic() < deadline:
                 self._done.wait(deadline - time.monotonic())
         if not self.ended.is_set():
-            unmount(self.request.mountpoint, lazy=True)
+            _detach(self.request.mountpoint)
 
 
 # ---------------------------------------------------------------------- mount, unmount
@@ -280,7 +284,7 @@ def _mount_directly(request: MountRequest) -> int:
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise MountFailed(f"cannot open /dev/fuse: {exc.strerror} (is the fuse module "
+        raise MountError(f"cannot open /dev/fuse: {exc.strerror} (is the fuse module "
                           "loaded? try 'modprobe fuse')") from None
     mnt = request.mountpoint
     root_mode = stat.S_IFMT(os.stat(mnt).st_mode)
@@ -291,15 +295,14 @@ def _mount_directly(request: MountRequest) -> int:
                   f"fuse.{request.subtype}".encode(), request.flags, data.encode()) != 0:
         code = ctypes.get_errno()
         os.close(fd)
-        raise MountFailed(f"cannot mount at {mnt}: {os.strerror(code)}")
+        raise MountError(f"cannot mount at {mnt}: {os.strerror(code)}")
     return fd
 
 
 def _mount_with_fusermount(request: MountRequest) -> int:
     """fusermount3 (setuid root) mounts and passes the descriptor back (_FUSE_COMMFD)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    opts = ",".join([f"fsname={request.fsname}", f"subtype={request.subtype}",
-                     f"max_read={MAX_WRITE}", *request.flag_names(), *request.kernel])
+    opts = ",".join([*request.option_names(), f"max_read={MAX_WRITE}"])
     try:
         with ours, theirs:
             done = subprocess.run(
@@ -309,26 +312,27 @@ def _mount_with_fusermount(request: MountRequest) -> int:
             theirs.close()
             if done.returncode != 0:
                 said = (done.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
-                raise MountFailed(f"cannot mount at {request.mountpoint}: "
+                raise MountError(f"cannot mount at {request.mountpoint}: "
                                   f"{said.removeprefix('fusermount3: ')}")
             _, fds, _, _ = socket.recv_fds(ours, 1, 1)
     except FileNotFoundError:
-        raise MountFailed("fusermount3 is not installed (Debian package fuse3); it is "
+        raise MountError("fusermount3 is not installed (Debian package fuse3); it is "
                           "needed to mount without root") from None
     if not fds:
-        raise MountFailed(f"cannot mount at {request.mountpoint}: fusermount3 passed no "
+        raise MountError(f"cannot mount at {request.mountpoint}: fusermount3 passed no "
                           "descriptor back")
     os.set_inheritable(fds[0], False)
     return fds[0]
 
 
-def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
-    """Unmount; lazily means at once, leaving files still open usable until closed."""
+def _detach(mountpoint: Path) -> None:
+    """Unmount lazily: at once, leaving files still open there to their programs until
+    they close them. (The CLI's `unmount` is fuse/daemon.unmount.)"""
     if os.geteuid() == 0:
-        if _libc().umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
+        if _libc().umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
             code = ctypes.get_errno()
             if code not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
                 log("unmount failed", mountpoint=str(mountpoint), reason=os.strerror(code))
         return
-    subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), "--", str(mountpoint)],
+    subprocess.run(["fusermount3", "-u", "-z", "--", str(mountpoint)],
                    capture_output=True, timeout=60)
