@@ -85,11 +85,7 @@ def main() -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     session = Session(MountRequest(mnt, "nullfs", "nullfs"), NullFS().handle)
     session.start()
-    stop = {signal.SIGTERM, signal.SIGINT}
-    while not session.ended.is_set():
-        got = signal.sigtimedwait(stop, 0.25)
-        if got is not None and got.si_signo in stop:  # see fuse/daemon._serve_fuse
-            break
+    session.wait()
     session.close()
     return 0
 

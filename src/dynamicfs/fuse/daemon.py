@@ -210,19 +210,14 @@ def _serve_fuse(session: Session, ready: Callable[[], None]) -> None:
     """Serve FUSE requests until unmounted or told to stop by SIGTERM/SIGINT.
 
     `ready` is called once the mount answers requests. SIGTERM and SIGINT are blocked
-    in every thread (see serve()); this thread takes them with sigtimedwait.
+    in every thread (see serve()) for Session.wait to take them.
     """
     session.start()
     _raise_read_ahead(session.request.mountpoint)
     ready()
-    stop = {signal.SIGTERM, signal.SIGINT}
-    while not session.ended.is_set():
-        got = signal.sigtimedwait(stop, 0.25)
-        # Python 3.11 hands back an unfilled siginfo when the wait was interrupted (by
-        # SIGSTOP and SIGCONT, say) past its timeout: only a signal asked for counts.
-        if got is not None and got.si_signo in stop:
-            log("stopping on signal", signal=signal.Signals(got.si_signo).name)
-            return
+    signum = session.wait()
+    if signum is not None:
+        log("stopping on signal", signal=signal.Signals(signum).name)
 
 
 def serve(pool: Path, mountpoint: Path, options: MountOptions, *, foreground: bool,

@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -257,6 +258,20 @@ class Session:
             error("a FUSE reply was refused", reason=exc.strerror)
 
     # ------------------------------------------------------------------ stopping
+    def wait(self) -> int | None:
+        """Until the filesystem is unmounted (None) or SIGTERM or SIGINT arrives (its
+        number). Both signals must be blocked in every thread: this takes them with
+        sigtimedwait."""
+        stop = {signal.SIGTERM, signal.SIGINT}
+        while not self.ended.is_set():
+            got = signal.sigtimedwait(stop, 0.25)
+            # Python 3.11 hands back an unfilled siginfo when the wait was interrupted
+            # (by SIGSTOP and SIGCONT, say) past its timeout: only a signal asked for
+            # counts.
+            if got is not None and got.si_signo in stop:
+                return got.si_signo
+        return None
+
     def close(self) -> None:
         """Stop serving (see the module docstring) and unmount lazily if still mounted."""
         with self._lock:
