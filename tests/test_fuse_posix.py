@@ -162,6 +162,83 @@ def test_random_writes_reads_and_truncates_match_a_model_file(work: Path,
     assert path.read_bytes() == model_path.read_bytes()
 
 
+KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def test_fallocate_modes_match_a_model_file(work: Path, tmp_path: Path) -> None:
+    """Holes punched, ranges zeroed and sizes set by fallocate(2), mixed with writes,
+    read back exactly as ext4 gives them (seeded)."""
+    rng = random.Random(20261122)
+    path, model_path = work / "alloc.bin", tmp_path / "model.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    model = os.open(model_path, os.O_RDWR | os.O_CREAT, 0o644)
+    limit = 6 * MiB
+    try:
+        for step in range(600):
+            op = rng.random()
+            size = os.fstat(model).st_size
+            off = rng.randrange(limit)
+            n = rng.choice([1, 4095, MiB, rng.randrange(1, 3 * MiB)])
+            if op < 0.4:
+                data = rng.randbytes(min(n, 400_000))
+                os.pwrite(fd, data, off)
+                os.pwrite(model, data, off)
+            elif op < 0.75:
+                mode = rng.choice([0, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE, ZERO_RANGE,
+                                   ZERO_RANGE | KEEP_SIZE])
+                _fallocate(fd, mode, off, n)
+                _fallocate(model, mode, off, n)
+            elif op < 0.95:
+                off = rng.randrange(size + 4096)
+                assert os.pread(fd, n, off) == os.pread(model, n, off), f"step {step}"
+            else:
+                os.close(fd)
+                fd = os.open(path, os.O_RDWR)
+            assert os.fstat(fd).st_size == os.fstat(model).st_size, f"step {step}"
+    finally:
+        os.close(fd)
+        os.close(model)
+    assert path.read_bytes() == model_path.read_bytes()
+
+
+def _stored_chunks(path: Path) -> list[int]:
+    """The chunks of a file that have an extent (user.dynamicfs.layout; 1 MiB extents)."""
+    layout = os.getxattr(path, "user.dynamicfs.layout").decode()
+    return [int(c) for c in re.findall(r"^chunk (\d+) ", layout, re.M)]
+
+
+def test_fallocate_frees_punched_extents_and_checks_room(work: Path) -> None:
+    f = work / "f"
+    data = os.urandom(4 * MiB + 100)
+    f.write_bytes(data)
+    with open(f, "r+b") as fh:
+        os.fsync(fh.fileno())
+        assert _stored_chunks(f) == [0, 1, 2, 3, 4]
+        # Whole extents in the range are unmapped, the ends rewritten with zeros.
+        _fallocate(fh.fileno(), PUNCH_HOLE | KEEP_SIZE, MiB - 10, 2 * MiB + 20)
+        os.fsync(fh.fileno())
+    assert _stored_chunks(f) == [0, 3, 4] and f.stat().st_size == len(data)
+    assert f.read_bytes() == data[:MiB - 10] + bytes(2 * MiB + 20) + data[3 * MiB + 10:]
+    # The fallocate program: a size with nothing stored, no room for a petabyte, and a
+    # mode a copy-on-write pool does not offer.
+    subprocess.run(["fallocate", "-l", "3M", str(work / "g")], check=True)
+    assert (work / "g").stat().st_size == 3 * MiB and (work / "g").stat().st_blocks == 0
+    for args, reason in ((["-l", "1P"], "No space left on device"),
+                         (["-c", "-o", "0", "-l", "1M"], "Operation not supported")):
+        run = subprocess.run(["fallocate", *args, str(work / "g")],
+                             capture_output=True, text=True)
+        assert run.returncode != 0 and reason in run.stderr, run.stderr
+    assert (work / "g").stat().st_size == 3 * MiB
+
+
 def _writer(args: tuple[str, int]) -> None:
     shared, n = args
     rng = random.Random(n)

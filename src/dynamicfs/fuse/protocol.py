@@ -55,6 +55,7 @@ CREATE = 35
 INTERRUPT = 36
 DESTROY = 38
 BATCH_FORGET = 42
+FALLOCATE = 43
 READDIRPLUS = 44
 RENAME2 = 45
 
@@ -113,6 +114,7 @@ WRITE_OUT = struct.Struct("=II")  # size, padding
 RELEASE_IN = struct.Struct("=QIIQ")  # fh, flags, release_flags, lock_owner
 FLUSH_IN = struct.Struct("=QIIQ")  # fh, unused, padding, lock_owner
 FSYNC_IN = struct.Struct("=QII")  # fh, fsync_flags, padding
+FALLOCATE_IN = struct.Struct("=QQQII")  # fh, offset, length, mode, padding
 # valid, padding, fh, size, lock_owner, atime, mtime, ctime, atimensec, mtimensec,
 # ctimensec, mode, unused, uid, gid, unused.
 SETATTR_IN = struct.Struct("=IIQQQQQQIIIIIIII")

@@ -80,6 +80,11 @@ FLUSH_LINGER_BELOW = 1024 * 1024
 # Queued by _wait_for_flusher: "someone is waiting, do not linger".
 _HURRY: tuple[int, int, bytes] = (0, -1, b"")
 ATIME_GRACE_NS = 24 * 3600 * 10**9
+# fallocate(2) modes (linux/falloc.h).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+ALL_CHUNKS = 1 << 62  # past any chunk a file can have
 
 Row = tuple[Any, ...]
 _INODE_COLS = "ino, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns"
@@ -995,13 +1000,7 @@ class Namespace:
             old = row[6]
             if size < old:
                 last = (size + E - 1) // E  # chunks >= last go entirely
-                for chunk in [c for c in st.dirty if c >= last]:
-                    self._dirty_bytes -= len(st.dirty.pop(chunk))
-                st.lost = {c for c in st.lost if c < last}
-                freed = [r[0] for r in conn.execute(
-                    "SELECT extent_id FROM file_extents WHERE ino = ? AND chunk >= ?", (ino, last))]
-                conn.execute("DELETE FROM file_extents WHERE ino = ? AND chunk >= ?", (ino, last))
-                self.store.free_if_unreferenced(conn, freed)
+                self._drop_chunks(conn, ino, st, last, ALL_CHUNKS)
                 if size % E:
                     chunk = size // E
                     buf = st.dirty.get(chunk)
@@ -1016,16 +1015,99 @@ class Namespace:
         if st.idle:
             self.files.pop(ino, None)
 
-    def fallocate(self, ino: int, offset: int, length: int) -> None:
-        """Mode 0 only: extend the file size (space is not reserved ahead)."""
-        with self._change() as conn:
-            row = self._row(conn, ino)
-            if not stat.S_ISREG(row[1]):
+    def _drop_chunks(self, conn: Connection, ino: int, st: FileState, lo: int, hi: int) -> None:
+        """Make chunks [lo, hi) of a file holes: their buffered bytes dropped, their
+        extents unmapped (and freed once no file refers to them), a lost mark cleared.
+        The caller has waited for the file's hand-offs (st.pending == 0)."""
+        for chunk in [c for c in st.dirty if lo <= c < hi]:
+            self._dirty_bytes -= len(st.dirty.pop(chunk))
+        st.lost = {c for c in st.lost if not lo <= c < hi}
+        where = "ino = ? AND chunk >= ? AND chunk < ?"
+        freed = [r[0] for r in conn.execute(
+            f"SELECT extent_id FROM file_extents WHERE {where}", (ino, lo, hi))]
+        conn.execute(f"DELETE FROM file_extents WHERE {where}", (ino, lo, hi))
+        self.store.free_if_unreferenced(conn, freed)
+
+    def fallocate(self, ino: int, offset: int, length: int, mode: int = 0) -> Attr:
+        """fallocate(2) for the modes a copy-on-write pool can honour, as ZFS does:
+        - 0 and FALLOC_FL_KEEP_SIZE: no space is set aside (every extent is written
+          anew), so this only checks that the file's policy could place the bytes the
+          file grows by, failing with ENOSPC if not, then (without KEEP_SIZE) sets the
+          size; the new range reads as zeros and stores nothing;
+        - FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE and FALLOC_FL_ZERO_RANGE: the range
+          reads as zeros; whole chunks in it become holes (their extents are freed), the
+          chunks at its ends are rewritten with zeros;
+        - anything else: EOPNOTSUPP."""
+        keep = mode & FALLOC_FL_KEEP_SIZE
+        kind = mode & ~FALLOC_FL_KEEP_SIZE
+        if kind not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) \
+                or (kind == FALLOC_FL_PUNCH_HOLE and not keep):
+            raise FsError(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        end = offset + length
+        with self.lock:
+            with self.meta.read() as conn:
+                row = self._row(conn, ino)
+                policy = self._policy_of(conn, ino)
+            if stat.S_ISDIR(row[MODE]):
+                raise FsError(errno.EISDIR)
+            if not stat.S_ISREG(row[MODE]):
                 raise FsError(errno.ENODEV)
-            if offset + length > row[6]:
-                now = time.time_ns()
-                conn.execute("UPDATE inodes SET size = ?, ctime_ns = ? WHERE ino = ?",
-                             (offset + length, now, ino))
+            size = row[SIZE]
+            now = time.time_ns()
+            if kind == 0:
+                self._check_room_for(end - size, policy, max(size, end))
+            elif min(end, size) > offset:
+                self._zero_range(ino, offset, min(end, size), policy)
+            if not keep and end > size:
+                self._truncate(ino, end, now)
+            changed = kind != 0 or (not keep and end > size)
+            self._set(ino, ctime_ns=now, **({"mtime_ns": now} if changed else {}))
+            with self.meta.read() as conn:
+                return self._attr(conn, self._row(conn, ino))
+
+    def _check_room_for(self, nbytes: int, policy_text: str | None, file_size: int) -> None:
+        """ENOSPC unless the pool's healthy disks could place `nbytes` more of the file
+        under its policy, on top of everything buffered or in flight."""
+        self._check_meta_room()
+        if nbytes <= 0:
+            return
+        policy = self.pool.resolve_policy(policy_text, file_size)
+        free = [self.store.disk_free(d.id) for d in self.pool.healthy_disks()]
+        room = usable_capacity(free, policy.width, policy.k)
+        if room < nbytes + self._dirty_bytes + self._inflight_bytes:
+            raise NoSpaceError(f"no room for {nbytes} more bytes under {policy} "
+                               f"({room} usable on the pool's healthy disks)")
+
+    def _zero_range(self, ino: int, lo: int, hi: int, policy: str | None) -> None:
+        """Bytes [lo, hi) of a file (within its size) become zeros: whole chunks holes,
+        the partly covered chunks at either end rewritten (under the lock; ENOSPC up
+        front, as for a write, when those could not be stored)."""
+        E = self.extent_size
+        st = self._state(ino)
+        while st.pending:
+            self._wait_for_flusher()
+            st = self._state(ino)  # the flusher drops a state that went idle
+        with self.meta.read() as conn:
+            size = self._row(conn, ino)[SIZE]
+        first, last = -(-lo // E), (hi // E if hi < size else -(-size // E))
+        edges = {c for c in (lo // E, (hi - 1) // E) if not first <= c < last}
+        if edges:
+            self._check_space(len(edges) * E, policy, size)
+        for chunk in edges:
+            buf = st.dirty.get(chunk)
+            if buf is None:
+                buf = self._load_chunk(ino, st, chunk, size)
+                st.dirty[chunk] = buf
+                self._dirty_bytes += len(buf)
+            start = max(lo - chunk * E, 0)
+            stop = min(hi - chunk * E, len(buf))
+            buf[start:stop] = bytes(max(0, stop - start))
+            st.written = True
+        if first < last:
+            with self._change() as conn:
+                self._drop_chunks(conn, ino, st, first, last)
 
     # ------------------------------------------------------------------ flushing
     def _all_zero(self, data: bytes) -> bool:
