@@ -5,11 +5,14 @@ being interrupted."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,14 +23,17 @@ from admin_support import (
     data_of,
     db_snapshot,
     make_pool,
+    program,
     read_files,
     run,
+    run_program,
     sql,
     tree,
     write_files,
 )
 from dynamicfs.admin import registry
 from dynamicfs.disks.directory import FragmentRef
+from dynamicfs.disks.faulty import ENV_VAR
 from dynamicfs.disks.label import LABEL_NAME
 from dynamicfs.engine.pool import Pool
 from dynamicfs.maintenance.parallel import LOAD_BATCH, RECORD_BATCH
@@ -235,6 +241,38 @@ def test_interrupted_remove_disk_keeps_its_progress_and_resumes(
     code, _, err = run(capsys, "remove-disk", pool_dir, "1")
     assert code == 0, err
     assert sql(pool_dir, "SELECT count(*) FROM fragments WHERE disk_id = 1") == [(0,)]
+    assert read_files(pool_dir, list(files)) == files
+
+
+def test_ctrl_c_in_remove_disk_says_where_the_drain_was_left(tmp_path: Path) -> None:
+    """Ctrl-C in an offline remove-disk: one line saying that the disk stays draining
+    and both ways on; what was moved stays moved, and remove-disk finishes later."""
+    pool_dir = make_pool(tmp_path, [None] * 4, policy="replicate:2", extent_size=64 * 1024)
+    files = {"/f": data_of("f", 2 * MiB)}
+    write_files(pool_dir, files)
+    on_disk = sql(pool_dir, "SELECT count(*) FROM fragments WHERE disk_id = 1")[0][0]
+    slow = {**os.environ, ENV_VAR: "read:slow:at=400"}  # every fragment read takes 0.4 s
+    proc = subprocess.Popen([program(), "remove-disk", str(pool_dir), "1"], env=slow,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while sql(pool_dir, "SELECT state FROM disks WHERE id = 1") != [("draining",)]:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert_one_line_error(proc.returncode, err)
+    assert "remove-disk stopped part way; disk 1 stays draining" in err, err
+    assert f"dynamicfs set-disk-health {pool_dir} 1 healthy" in err, err
+    assert sql(pool_dir, "SELECT state FROM disks WHERE id = 1") == [("draining",)]
+    assert sql(pool_dir, "SELECT count(*) FROM fragments WHERE disk_id = 1")[0][0] <= on_disk
+    _every_fragment_row_has_its_file(pool_dir)
+    assert read_files(pool_dir, list(files)) == files
+    done = run_program("remove-disk", pool_dir, "1")
+    assert done.returncode == 0, done.stderr
     assert read_files(pool_dir, list(files)) == files
 
 

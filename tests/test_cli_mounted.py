@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,33 @@ def test_remove_disk_while_mounted_keeps_files_readable_through_the_mount(
         m.remount()
         for name, data in files.items():
             assert (m / name).read_bytes() == data
+
+
+def test_ctrl_c_in_a_command_leaves_the_mount_daemon_to_finish(tmp_path: Path) -> None:
+    """Ctrl-C in remove-disk on a mounted pool stops only the command: it says that the
+    daemon carries on, and the daemon finishes the drain without logging a crash."""
+    with mounted_pool(tmp_path, disks=4, default_policy="replicate:2",
+                      extent_size=64 * 1024) as m, faults("read:slow:at=300"):
+        _write(m / "f", data_of("f", MiB))
+        m.remount()  # the daemon now reads every fragment 0.3 s late
+        proc = subprocess.Popen([PY, "-m", "dynamicfs.cli.main", "remove-disk", str(m.pool),
+                                 "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while sql(m.pool, "SELECT state FROM disks WHERE id = 1") != [("draining",)]:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert_one_line_error(proc.returncode, err)
+        assert proc.returncode == 130 and "the mount daemon carries on with remove-disk" in err
+        while sql(m.pool, "SELECT count(*) FROM disks WHERE id = 1") != [(0,)]:
+            assert time.monotonic() < deadline, "the daemon did not finish the drain"
+            time.sleep(0.05)
+        assert (m / "f").read_bytes() == data_of("f", MiB)
+        assert "crashed" not in (m.pool / "logs" / "dynamicfs.log").read_text()
 
 
 def test_a_refusal_through_the_control_socket_is_one_line(tmp_path: Path) -> None:

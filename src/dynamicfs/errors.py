@@ -16,6 +16,12 @@ class DynamicFSError(Exception):
     exit_code = 1
 
 
+class Interrupted(DynamicFSError):
+    """Ctrl-C during an operation; the message says where the work was left."""
+
+    exit_code = 130
+
+
 class PoolError(DynamicFSError):
     """The pool is missing, malformed, of a newer format, locked or read-only."""
 

@@ -18,8 +18,9 @@ from rich.table import Table
 
 from dynamicfs.admin.audited import run_offline
 from dynamicfs.control import client
+from dynamicfs.disks import faulty
 from dynamicfs.engine.pool import Pool, check_pool_dir
-from dynamicfs.errors import PoolBusyError
+from dynamicfs.errors import DynamicFSError, Interrupted, PoolBusyError
 
 # Piped output is read by scripts: tables there keep each row on one line.
 PIPE_WIDTH = 4096
@@ -92,8 +93,11 @@ class ProgressBar:
 
 
 def run_op(pool_path: str, op: str, args: dict[str, Any] | None = None, *,
-           progress_label: str | None = None, show_progress: bool = True) -> Any:
-    """Run an admin operation: in-process when the pool is free, else in its mount daemon."""
+           progress_label: str | None = None, show_progress: bool = True,
+           if_interrupted: str = "") -> Any:
+    """Run an admin operation: in-process when the pool is free, else in its mount daemon.
+    Ctrl-C says where the work was left: the daemon carries on with it; in-process it
+    stops part way, and `if_interrupted` tells the user what that leaves behind."""
     pool_dir = check_pool_dir(pool_path)
     args = args or {}
     with ProgressBar(progress_label or op, enabled=show_progress) as bar:
@@ -101,10 +105,24 @@ def run_op(pool_path: str, op: str, args: dict[str, Any] | None = None, *,
             pool = Pool.open(pool_dir)
         except PoolBusyError:
             if client.socket_path(pool_dir).exists():
-                return client.call(pool_dir, op, args, bar)
+                try:
+                    return client.call(pool_dir, op, args, bar)
+                except KeyboardInterrupt:
+                    raise Interrupted(f"interrupted; the mount daemon carries on with {op} "
+                                      f"('dynamicfs status {pool_dir}' shows the pool)"
+                                      ) from None
             raise
         with pool:
-            return run_offline(pool, op, args, bar)  # logs to the pool, audits changes
+            if os.environ.get(faulty.ENV_VAR):  # tests: disks that fail on purpose
+                try:
+                    faulty.wrap_backends(pool)
+                except faulty.FaultSpecError as exc:
+                    raise DynamicFSError(f"{faulty.ENV_VAR}: {exc}") from None
+            try:
+                return run_offline(pool, op, args, bar)  # logs to the pool, audits changes
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted: {op} stopped part way"
+                                  + (f"; {if_interrupted}" if if_interrupted else "")) from None
 
 
 _ID_OR_UUID = re.compile(r"\d+|[0-9a-fA-F-]{8,36}")

@@ -100,7 +100,10 @@ def register(cli: click.Group) -> None:
     def remove_disk(pool: str, disk: str, force: bool, as_json: bool) -> None:
         """Move every fragment off DISK to the other disks, then remove it from POOL."""
         report = run_op(pool, "remove-disk", {"ref": disk_ref(disk), "force": force},
-                        progress_label="draining", show_progress=not as_json)
+                        progress_label="draining", show_progress=not as_json,
+                        if_interrupted=f"disk {disk} stays draining if the drain had begun "
+                        f"(see 'dynamicfs list-disks {pool}'): run remove-disk again to "
+                        f"finish, or 'dynamicfs set-disk-health {pool} {disk} healthy' to keep it")
         if as_json:
             print_json(report)
             return

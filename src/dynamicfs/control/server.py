@@ -137,6 +137,8 @@ class ControlServer:
                 say({"result": result})
             except DynamicFSError as exc:
                 say({"error": str(exc), "exit_code": exc.exit_code})
+            except OSError as exc:  # the client went away (Ctrl-C): the work is done
+                debug("admin operation answered no one", op=name, reason=str(exc))
             except Exception as exc:  # a bug: keep the daemon alive, tell the client
                 error("admin operation crashed", op=name, trace=traceback.format_exc())
                 with contextlib.suppress(OSError):

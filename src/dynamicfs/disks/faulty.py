@@ -23,7 +23,8 @@ faults      eio       raise OSError(EIO), nothing done
                       only): a disk that answers late
 
 The same rules can come from a spec string, e.g. in the environment variable
-DYNAMICFS_FAULTS, so a mount daemon can run on faulty disks:
+DYNAMICFS_FAULTS, so a mount daemon, or a command that opens the pool itself, can run on
+faulty disks:
 
     disk=2:write:eio:after=3;disk=4:read:bitflip:times=1
 
@@ -115,6 +116,7 @@ class FaultyDisk:
         self.inner = inner
         self.root = inner.root
         self.segment_root = inner.segment_root
+        self.legacy_root = inner.legacy_root
         # own_device: report a device id of its own, so the engine syncs this disk on
         # its own instead of through a syncfs() of a filesystem it shares with others.
         self.own_device = own_device
