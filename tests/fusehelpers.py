@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dynamicfs.admin.disks import add_disk
 from dynamicfs.admin.init import init_pool
+from dynamicfs.disks.faulty import ENV_VAR as FAULTS_ENV
 from dynamicfs.engine.pool import Pool
 
 PY = sys.executable
@@ -28,9 +29,14 @@ CLI_TIMEOUT = 120
 def cli(*args: str | os.PathLike[str], check: bool = True,
         timeout: float = CLI_TIMEOUT, cwd: str | os.PathLike[str] = "/"
         ) -> subprocess.CompletedProcess[str]:
-    """Run `dynamicfs ARGS` in a fresh process, as a user would (in `cwd`)."""
+    """Run `dynamicfs ARGS` in a fresh process, as a user would (in `cwd`). Disk faults
+    set in the environment (DYNAMICFS_FAULTS) reach mount daemons only: a command that
+    opens the pool itself would run on the faulty disks too."""
+    env = dict(os.environ)
+    if str(args[0]) != "mount":
+        env.pop(FAULTS_ENV, None)
     done = subprocess.run([PY, "-m", "dynamicfs.cli.main", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
     if check and done.returncode != 0:
         raise AssertionError(f"dynamicfs {' '.join(map(str, args))} failed "
                              f"({done.returncode}): {done.stderr.strip()}")

@@ -186,6 +186,30 @@ def test_probe_makes_a_full_disk_suspect_and_heals_it_when_space_returns(
         assert _probe(capsys, pool_dir)[2]["after"] == "healthy"
 
 
+def test_disks_on_one_filesystem_share_its_free_space_and_add_disk_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Uncapped disks on one filesystem count its free space once between them, not once
+    per disk; a disk on a filesystem of its own counts its own, and
+    add-disk warns when a new disk shares a filesystem (and so a device) with others."""
+    pool_dir = make_pool(tmp_path, [None] * 3)
+    with _tmpfs(tmp_path / "own", "64m") as own:
+        code, out, err = run(capsys, "add-disk", pool_dir, own)
+        assert code == 0 and "note" not in out, err
+        (tmp_path / "fourth").mkdir()
+        code, out, err = run(capsys, "add-disk", pool_dir, tmp_path / "fourth")
+        assert code == 0, err
+        assert "note: disk 5 is on the same filesystem as disk(s) 1, 2, 3" in out
+        code, out, err = run(capsys, "list-disks", pool_dir, "--json")
+        assert code == 0, err
+        rows = {r["id"]: r for r in json.loads(out)}
+        assert rows[1]["shares_filesystem_with"] == [2, 3, 5]
+        assert rows[4]["shares_filesystem_with"] == []
+        vfs = os.statvfs(tmp_path)
+        shared = sum(rows[i]["capacity"] - rows[i]["used"] for i in (1, 2, 3, 5))
+        assert abs(shared - vfs.f_bavail * vfs.f_frsize) < 64 * 2**20
+        assert 60 * 2**20 < rows[4]["capacity"] <= 64 * 2**20
+
+
 def test_init_on_a_full_filesystem_leaves_nothing_behind(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A failed init leaves no half-made pool.db: the next init, once there is room,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dynamicfs.admin.inspect import files_of_extents
@@ -34,6 +34,9 @@ class DiskRow:
     read_errors: int
     write_errors: int
     checksum_errors: int
+    # Other disks of the pool on the same filesystem: they share its free space, and a
+    # failure of its device takes them all.
+    shares_filesystem_with: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -108,7 +111,7 @@ def _row(pool: Pool, d: DiskInfo) -> DiskRow:
                              (d.id,)).fetchone()[0]
     return DiskRow(d.id, d.uuid, d.path, d.tier, d.state, d.reason,
                    pool.store.disk_capacity(d.id), d.used, count, d.read_errors,
-                   d.write_errors, d.checksum_errors)
+                   d.write_errors, d.checksum_errors, pool.store.sharing_filesystem(d.id))
 
 
 @operation("list-disks", writes=False)

@@ -38,6 +38,11 @@ def register(cli: click.Group) -> None:
         else:
             click.echo(f"added disk {row['id']} {row['path']} ({format_size(row['capacity'])}, "
                        f"tier {row['tier']})")
+        if row["shares_filesystem_with"] and not as_json:
+            others = ", ".join(str(d) for d in row["shares_filesystem_with"])
+            click.echo(f"note: disk {row['id']} is on the same filesystem as disk(s) {others}: "
+                       "they share its free space, and a failure of that device takes them "
+                       "all at once; put disks on separate devices for redundancy")
 
     @cli.command("list-disks")
     @flexible("pool")

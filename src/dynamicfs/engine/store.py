@@ -220,6 +220,7 @@ class ExtentStore:
         self._sync_failed = False
         self._busy: collections.Counter[int] = collections.Counter()
         self._statvfs: dict[int, tuple[float, int]] = {}
+        self._devices: dict[int, int] = {}
         self.repair_wanted: set[int] = set()
         self.stats: collections.Counter[str] = collections.Counter()
         self._recent_errors: dict[int, collections.deque[float]] = {}
@@ -242,8 +243,27 @@ class ExtentStore:
             pass
 
     # -- capacity ------------------------------------------------------------
+    def device_of(self, disk_id: int) -> int:
+        """The st_dev of the filesystem a disk's directory is on (a negative number of
+        its own when that cannot be told)."""
+        dev = self._devices.get(disk_id)
+        if dev is None:
+            try:
+                dev = self.pool.backends[disk_id].device_id()
+            except (OSError, KeyError):
+                dev = -disk_id
+            self._devices[disk_id] = dev
+        return dev
+
+    def sharing_filesystem(self, disk_id: int) -> list[int]:
+        """The pool's other disks on the filesystem this disk is on."""
+        dev = self.device_of(disk_id)
+        return sorted(d for d in self.pool.disks if d != disk_id and self.device_of(d) == dev)
+
     def disk_free(self, disk_id: int) -> int:
-        """Bytes the pool may still put on this disk."""
+        """Bytes the pool may still put on this disk. Disks on one filesystem share its
+        free space: each healthy one (and this one) is counted for an equal part of it,
+        so capacity, statfs and the room checks before writes count it once."""
         info = self.pool.disks[disk_id]
         now = time.monotonic()
         cached = self._statvfs.get(disk_id)
@@ -255,6 +275,9 @@ class ExtentStore:
             cached = (now, fs_free)
             self._statvfs[disk_id] = cached
         fs_free = cached[1]
+        dev = self.device_of(disk_id)
+        fs_free //= 1 + sum(1 for d in self.pool.healthy_disks()
+                            if d.id != disk_id and self.device_of(d.id) == dev)
         if info.capacity is not None:
             return max(0, min(info.capacity - info.used, fs_free))
         return fs_free
