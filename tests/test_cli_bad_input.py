@@ -163,9 +163,10 @@ def test_init_refuses_a_malformed_extent_size(env: Env, capsys: pytest.CaptureFi
                                               form: str) -> None:
     target = env.tmp / "fresh"
     pool_args = [target] if form == "positional" else ["--pool", target]
-    err = refused(env, capsys, ["init", *pool_args, "--extent-size", "abc"])
-    assert "malformed size 'abc'" in err
-    assert not target.exists()
+    for size in ("abc", ""):
+        err = refused(env, capsys, ["init", *pool_args, "--extent-size", size])
+        assert f"malformed size {size!r}" in err
+        assert not target.exists()
 
 
 @pytest.mark.parametrize("form", FORMS)

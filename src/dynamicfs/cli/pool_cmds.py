@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dynamicfs.admin.init import DEFAULT_EXTENT_SIZE, init_pool
+from dynamicfs.admin.init import init_pool
 from dynamicfs.cli.common import flexible, print_json
 from dynamicfs.sizes import format_size, parse_size
 
@@ -19,7 +19,7 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
     def init(pool: str, extent_size: str, default_policy: str, as_json: bool) -> None:
         """Create a new, empty pool in directory POOL."""
-        size = parse_size(extent_size) if extent_size else DEFAULT_EXTENT_SIZE
+        size = parse_size(extent_size)
         result = init_pool(pool, size, default_policy)
         if as_json:
             print_json(result)
