@@ -4,7 +4,10 @@ file of the pool directory and of its disks)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from admin_support import (
     data_of,
     db_snapshot,
     make_pool,
+    program,
     read_only_view,
     run,
     run_program,
@@ -25,6 +29,7 @@ from admin_support import (
 from dynamicfs.admin.disks import add_disk
 from dynamicfs.admin.drain import remove_disk
 from dynamicfs.admin.init import init_pool
+from dynamicfs.disks.faulty import ENV_VAR
 from dynamicfs.engine.pool import Pool
 
 # Every command that opens a pool, with the arguments that follow POOL, in the
@@ -289,3 +294,25 @@ def test_sync_refuses_a_path_outside_any_mount_and_says_an_unmounted_pool_has_no
     assert (code, err) == (0, "")
     assert out.strip() == f"pool {env.pool} is not mounted: nothing is buffered"
     assert env.state() == before
+
+
+def test_a_pool_held_by_another_command_names_that_command(env: Env) -> None:
+    """A command that finds the pool open in another (an offline scrub whose reads are
+    slow) says which command holds it and what to do, not that the pool is mounted."""
+    slow = {**os.environ, ENV_VAR: "read:slow:at=3000"}
+    scrub = subprocess.Popen([program(), "scrub", str(env.pool)], env=slow,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while b"scrub" not in (env.pool / "pool.lock").read_bytes():
+            assert scrub.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        done = run_program("status", env.pool)
+        assert_one_line_error(done.returncode, done.stderr)
+        assert done.returncode == 3
+        assert (f"is in use by 'dynamicfs scrub {env.pool}' (pid {scrub.pid}); wait for it "
+                "to finish") in done.stderr, done.stderr
+        assert "mounted" not in done.stderr
+    finally:
+        scrub.kill()
+        scrub.wait()

@@ -11,6 +11,7 @@ earlier open that crashed (DESIGN invariant 2).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -117,6 +118,34 @@ def mount_info(path: Path) -> dict[str, object] | None:
         return None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _command_line() -> str:
+    """This process's command as a user typed it (`dynamicfs scrub /srv/pool`), from
+    /proc/self/cmdline, whose first words are the interpreter's for a script."""
+    try:
+        argv = Path("/proc/self/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return ""
+    words = [a.decode(errors="replace") for a in argv]
+    if words and os.path.basename(words[0]).startswith("python"):
+        words = words[1:]
+        if words[:1] == ["-m"]:
+            words = words[1:]
+    if words:
+        first = os.path.basename(words[0])
+        words[0] = "dynamicfs" if first.startswith("dynamicfs") else first
+    return " ".join(words).replace("\n", " ")[:200]
+
+
 class PoolLock:
     """An exclusive flock on `pool.lock`, held for as long as the pool is open."""
 
@@ -135,14 +164,32 @@ class PoolLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = self._holder(fd)
             os.close(fd)
             info = mount_info(self.path.parent)
-            where = (f"mounted at {info.get('mountpoint')} (pid {info.get('pid')})"
-                     if info else "in use by another dynamicfs process")
-            raise PoolBusyError(f"pool {self.path.parent} is {where}; "
-                                "unmount it first or run the command while it is mounted "
-                                "through its control socket") from None
+            if info:
+                raise PoolBusyError(f"pool {self.path.parent} is mounted at "
+                                    f"{info.get('mountpoint')} (pid {info.get('pid')}); "
+                                    "unmount it first or run the command while it is mounted "
+                                    "through its control socket") from None
+            raise PoolBusyError(f"pool {self.path.parent} is in use by {holder}; wait for it "
+                                "to finish (or stop it), then run this again") from None
         self.fd = fd
+        # Who holds it, for the refusal above (informational: the flock is the lock).
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {_command_line()}\n".encode(), 0)
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        """'`COMMAND` (pid N)' from the lock file, or a plain description."""
+        try:
+            pid, _, command = os.pread(fd, 4096, 0).decode(errors="replace").strip().partition(" ")
+        except OSError:
+            pid = ""
+        if not pid.isdigit() or not _alive(int(pid)):  # not written yet: a new holder
+            return "another dynamicfs process"
+        return f"'{command}' (pid {pid})" if command else f"pid {pid}"
 
     def release(self) -> None:
         if self.fd is not None:
