@@ -165,3 +165,14 @@ def test_recover_refuses_a_disk_that_is_a_file_and_leaves_nothing_behind(
     assert err.startswith("dynamicfs: error: ") and "not a directory" in err
     assert len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in pool_dir.iterdir()) == before
+
+
+def test_recover_into_a_directory_with_nothing_to_recover_leaves_it_as_found(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "not-a-pool"
+    empty.mkdir()
+    for extra in ([], ["--disk", str(empty)]):
+        assert cli("recover-metadata", str(empty), *extra) != 0
+        err = capsys.readouterr().err
+        assert err.startswith("dynamicfs: error: ") and len(err.strip().splitlines()) == 1
+        assert list(empty.iterdir()) == []

@@ -376,11 +376,14 @@ def recover(pool_dir: Path | str, disks: list[str] | None = None, from_disk: str
     if not pool_dir.is_dir():
         raise PoolError(f"pool directory {pool_dir} does not exist")
     lock = PoolLock(pool_dir)
+    had_lock_file = lock.path.exists()
     lock.acquire()
     try:
         return _recover(pool_dir, disks or [], from_disk, force)
     finally:
         lock.release()
+        if not had_lock_file and not (pool_dir / DB_NAME).exists():
+            lock.path.unlink(missing_ok=True)  # nothing recovered: leave the directory as found
 
 
 def _recover(pool_dir: Path, disks: list[str], from_disk: str | None,
