@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,3 +192,22 @@ def read_only_view(source: Path, view: Path) -> Iterator[Path]:
     finally:
         subprocess.run(["umount", str(view)], check=True, capture_output=True)
 
+
+
+def interrupt_remove_disk(pool_dir: Path, disk_id: int,
+                          env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run `dynamicfs remove-disk POOL DISK` and press Ctrl-C (SIGINT) as soon as the
+    disk is draining: (exit code, stderr)."""
+    proc = subprocess.Popen([program(), "remove-disk", str(pool_dir), str(disk_id)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while sql(pool_dir, "SELECT state FROM disks WHERE id = ?", (disk_id,)) \
+                != [("draining",)]:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err

@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,8 @@ from admin_support import (
     assert_one_line_error,
     data_of,
     db_snapshot,
+    interrupt_remove_disk,
     make_pool,
-    program,
     read_files,
     run,
     run_program,
@@ -252,19 +250,9 @@ def test_ctrl_c_in_remove_disk_says_where_the_drain_was_left(tmp_path: Path) -> 
     write_files(pool_dir, files)
     on_disk = sql(pool_dir, "SELECT count(*) FROM fragments WHERE disk_id = 1")[0][0]
     slow = {**os.environ, ENV_VAR: "read:slow:at=400"}  # every fragment read takes 0.4 s
-    proc = subprocess.Popen([program(), "remove-disk", str(pool_dir), "1"], env=slow,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while sql(pool_dir, "SELECT state FROM disks WHERE id = 1") != [("draining",)]:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130
-    assert_one_line_error(proc.returncode, err)
+    code, err = interrupt_remove_disk(pool_dir, 1, slow)
+    assert code == 130
+    assert_one_line_error(code, err)
     assert "remove-disk stopped part way; disk 1 stays draining" in err, err
     assert f"dynamicfs set-disk-health {pool_dir} 1 healthy" in err, err
     assert sql(pool_dir, "SELECT state FROM disks WHERE id = 1") == [("draining",)]

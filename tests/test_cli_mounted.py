@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from admin_support import assert_one_line_error, data_of, sql
+from admin_support import assert_one_line_error, data_of, interrupt_remove_disk, sql
 from dynamicfs.control.protocol import ANSWER_TIMEOUT_ENV
 from fusehelpers import PY, cli, mounted_pool, wait_gone
 from test_fuse_failures import faults
@@ -83,19 +83,10 @@ def test_ctrl_c_in_a_command_leaves_the_mount_daemon_to_finish(tmp_path: Path) -
                       extent_size=64 * 1024) as m, faults("read:slow:at=300"):
         _write(m / "f", data_of("f", MiB))
         m.remount()  # the daemon now reads every fragment 0.3 s late
-        proc = subprocess.Popen([PY, "-m", "dynamicfs.cli.main", "remove-disk", str(m.pool),
-                                 "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 60
-            while sql(m.pool, "SELECT state FROM disks WHERE id = 1") != [("draining",)]:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-        assert_one_line_error(proc.returncode, err)
-        assert proc.returncode == 130 and "the mount daemon carries on with remove-disk" in err
+        code, err = interrupt_remove_disk(m.pool, 1)
+        deadline = time.monotonic() + 60
+        assert_one_line_error(code, err)
+        assert code == 130 and "the mount daemon carries on with remove-disk" in err
         while sql(m.pool, "SELECT count(*) FROM disks WHERE id = 1") != [(0,)]:
             assert time.monotonic() < deadline, "the daemon did not finish the drain"
             time.sleep(0.05)

@@ -13,7 +13,7 @@ import re
 import stat
 import subprocess
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -126,40 +126,60 @@ def test_rsync_aHX_round_trip_and_nothing_left_to_do(work: Path, tmp_path: Path)
     assert changed == [], "rsync sees differences after a full copy"
 
 
+class ModelRun:
+    """A file in the mount and a model file on the local filesystem, changed alike by
+    seeded random operations: sizes compared after each, contents at the end."""
+
+    def __init__(self, path: Path, model_path: Path, seed: int) -> None:
+        self.path, self.model_path = path, model_path
+        self.rng = random.Random(seed)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.model = os.open(model_path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def run(self, steps: int, step: Callable[[int, float, int], None]) -> None:
+        """step(number, a random float in [0, 1), the model's size) does one operation."""
+        try:
+            for number in range(steps):
+                step(number, self.rng.random(), os.fstat(self.model).st_size)
+                assert os.fstat(self.fd).st_size == os.fstat(self.model).st_size, \
+                    f"step {number}"
+        finally:
+            os.close(self.fd)
+            os.close(self.model)
+        assert self.path.read_bytes() == self.model_path.read_bytes()
+
+    def check_read(self, number: int, off: int, n: int) -> None:
+        assert os.pread(self.fd, n, off) == os.pread(self.model, n, off), f"step {number}"
+
+    def reopen(self) -> None:
+        """Close and reopen: hands buffered data to the flusher."""
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_RDWR)
+
+
 def test_random_writes_reads_and_truncates_match_a_model_file(work: Path,
                                                               tmp_path: Path) -> None:
-    rng = random.Random(20240601)
-    path, model_path = work / "random.bin", tmp_path / "model.bin"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    model = os.open(model_path, os.O_RDWR | os.O_CREAT, 0o644)
-    limit = 5 * MiB
-    try:
-        for step in range(2000):
-            op = rng.random()
-            size = os.fstat(model).st_size
-            if op < 0.45:
-                off = rng.randrange(limit)
-                data = rng.randbytes(rng.choice([1, 17, 4096, rng.randrange(1, 300_000)]))
-                assert os.pwrite(fd, data, off) == len(data)
-                os.pwrite(model, data, off)
-            elif op < 0.85:
-                off = rng.randrange(size + 4096)
-                n = rng.randrange(1, 400_000)
-                assert os.pread(fd, n, off) == os.pread(model, n, off), f"step {step}"
-            elif op < 0.95:
-                new = rng.choice([0, rng.randrange(limit), rng.randrange(size + 1)])
-                os.ftruncate(fd, new)
-                os.ftruncate(model, new)
-            elif op < 0.98:
-                os.fsync(fd)
-            else:  # close and reopen: hands buffered data to the flusher
-                os.close(fd)
-                fd = os.open(path, os.O_RDWR)
-            assert os.fstat(fd).st_size == os.fstat(model).st_size, f"step {step}"
-    finally:
-        os.close(fd)
-        os.close(model)
-    assert path.read_bytes() == model_path.read_bytes()
+    m = ModelRun(work / "random.bin", tmp_path / "model.bin", 20240601)
+    rng, limit = m.rng, 5 * MiB
+
+    def step(number: int, op: float, size: int) -> None:
+        if op < 0.45:
+            off = rng.randrange(limit)
+            data = rng.randbytes(rng.choice([1, 17, 4096, rng.randrange(1, 300_000)]))
+            assert os.pwrite(m.fd, data, off) == len(data)
+            os.pwrite(m.model, data, off)
+        elif op < 0.85:
+            m.check_read(number, rng.randrange(size + 4096), rng.randrange(1, 400_000))
+        elif op < 0.95:
+            new = rng.choice([0, rng.randrange(limit), rng.randrange(size + 1)])
+            os.ftruncate(m.fd, new)
+            os.ftruncate(m.model, new)
+        elif op < 0.98:
+            os.fsync(m.fd)
+        else:
+            m.reopen()
+
+    m.run(2000, step)
 
 
 KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
@@ -176,37 +196,27 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 def test_fallocate_modes_match_a_model_file(work: Path, tmp_path: Path) -> None:
     """Holes punched, ranges zeroed and sizes set by fallocate(2), mixed with writes,
     read back exactly as ext4 gives them (seeded)."""
-    rng = random.Random(20261122)
-    path, model_path = work / "alloc.bin", tmp_path / "model.bin"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    model = os.open(model_path, os.O_RDWR | os.O_CREAT, 0o644)
-    limit = 6 * MiB
-    try:
-        for step in range(600):
-            op = rng.random()
-            size = os.fstat(model).st_size
-            off = rng.randrange(limit)
-            n = rng.choice([1, 4095, MiB, rng.randrange(1, 3 * MiB)])
-            if op < 0.4:
-                data = rng.randbytes(min(n, 400_000))
-                os.pwrite(fd, data, off)
-                os.pwrite(model, data, off)
-            elif op < 0.75:
-                mode = rng.choice([0, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE, ZERO_RANGE,
-                                   ZERO_RANGE | KEEP_SIZE])
-                _fallocate(fd, mode, off, n)
-                _fallocate(model, mode, off, n)
-            elif op < 0.95:
-                off = rng.randrange(size + 4096)
-                assert os.pread(fd, n, off) == os.pread(model, n, off), f"step {step}"
-            else:
-                os.close(fd)
-                fd = os.open(path, os.O_RDWR)
-            assert os.fstat(fd).st_size == os.fstat(model).st_size, f"step {step}"
-    finally:
-        os.close(fd)
-        os.close(model)
-    assert path.read_bytes() == model_path.read_bytes()
+    m = ModelRun(work / "alloc.bin", tmp_path / "model.bin", 20261122)
+    rng, limit = m.rng, 6 * MiB
+
+    def step(number: int, op: float, size: int) -> None:
+        off = rng.randrange(limit)
+        n = rng.choice([1, 4095, MiB, rng.randrange(1, 3 * MiB)])
+        if op < 0.4:
+            data = rng.randbytes(min(n, 400_000))
+            os.pwrite(m.fd, data, off)
+            os.pwrite(m.model, data, off)
+        elif op < 0.75:
+            mode = rng.choice([0, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE, ZERO_RANGE,
+                               ZERO_RANGE | KEEP_SIZE])
+            _fallocate(m.fd, mode, off, n)
+            _fallocate(m.model, mode, off, n)
+        elif op < 0.95:
+            m.check_read(number, rng.randrange(size + 4096), n)
+        else:
+            m.reopen()
+
+    m.run(600, step)
 
 
 def _stored_chunks(path: Path) -> list[int]:
