@@ -118,14 +118,19 @@ def mount_info(path: Path) -> dict[str, object] | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its parent counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _command_line() -> str:
@@ -187,7 +192,7 @@ class PoolLock:
             pid, _, command = os.pread(fd, 4096, 0).decode(errors="replace").strip().partition(" ")
         except OSError:
             pid = ""
-        if not pid.isdigit() or not _alive(int(pid)):  # not written yet: a new holder
+        if not pid.isdigit() or not pid_alive(int(pid)):  # not written yet: a new holder
             return "another dynamicfs process"
         return f"'{command}' (pid {pid})" if command else f"pid {pid}"
 

@@ -42,7 +42,14 @@ from dynamicfs.control.protocol import SOCKET_NAME
 from dynamicfs.control.server import ControlServer
 from dynamicfs.disks.faulty import ENV_VAR as FAULTS_ENV
 from dynamicfs.disks.faulty import FaultSpecError, wrap_backends
-from dynamicfs.engine.pool import MOUNT_INFO, Pool, PoolLock, check_pool_dir, is_pool
+from dynamicfs.engine.pool import (
+    MOUNT_INFO,
+    Pool,
+    PoolLock,
+    check_pool_dir,
+    is_pool,
+    pid_alive,
+)
 from dynamicfs.errors import DynamicFSError, PoolBusyError
 from dynamicfs.fuse.adapter import Operations
 from dynamicfs.fuse.session import MountError, MountRequest, Session, split_options
@@ -521,7 +528,7 @@ def _daemon_pid(pool_dir: Path, mountpoint: Path) -> int | None:
     if not info or info.get("mountpoint") != str(mountpoint):
         return None
     pid = int(str(info.get("pid", 0)))
-    return pid if pid > 0 and _alive(pid) else None
+    return pid if pid > 0 and pid_alive(pid) else None
 
 
 def _clear_stale(pool_dir: Path) -> None:
@@ -553,25 +560,10 @@ def _fusermount_u(mountpoint: Path, lazy: bool) -> None:
         raise MountError(f"cannot unmount {mountpoint}: {said.removeprefix('fusermount3: ')}")
 
 
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting for its parent counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def _wait_exit(pid: int, timeout: float, mountpoint: Path) -> None:
     deadline = time.monotonic() + timeout
     delay = 0.01
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             raise MountError(f"{mountpoint} is unmounted but its daemon (pid {pid}) is still "
                              f"flushing after {timeout:.0f}s; see the pool's log")
