@@ -983,14 +983,19 @@ class Namespace:
             data.extend(bytes(valid - len(data)))
         return data
 
-    def _truncate(self, ino: int, size: int, now: int) -> None:
-        E = self.extent_size
+    def _settled_state(self, ino: int) -> FileState:
+        """The file's state once none of its hand-offs is in flight (under the lock). The
+        flusher drops a state that went idle meanwhile: the caller gets the current one,
+        or chunks it changes would go into a state nobody flushes."""
         st = self._state(ino)
         while st.pending:
             self._wait_for_flusher()
-            # The flusher drops a state that went idle: carry on with the current one, or
-            # the trimmed last chunk would go into a state nobody flushes.
             st = self._state(ino)
+        return st
+
+    def _truncate(self, ino: int, size: int, now: int) -> None:
+        E = self.extent_size
+        st = self._settled_state(ino)
         with self._change() as conn:
             row = self._row(conn, ino)
             if stat.S_ISDIR(row[1]):
@@ -1085,10 +1090,7 @@ class Namespace:
         the partly covered chunks at either end rewritten (under the lock; ENOSPC up
         front, as for a write, when those could not be stored)."""
         E = self.extent_size
-        st = self._state(ino)
-        while st.pending:
-            self._wait_for_flusher()
-            st = self._state(ino)  # the flusher drops a state that went idle
+        st = self._settled_state(ino)
         with self.meta.read() as conn:
             size = self._row(conn, ino)[SIZE]
         first, last = -(-lo // E), (hi // E if hi < size else -(-size // E))
