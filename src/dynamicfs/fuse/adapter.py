@@ -90,7 +90,7 @@ class Operations:
     ACCESS always allows. POSIX ACLs are not supported: setting one fails with
     EOPNOTSUPP, which tools take as "use the mode bits". fallocate(2) reaches the
     namespace (its docstring says which modes a copy-on-write pool honours; the others
-    fail with EOPNOTSUPP, and glibc's posix_fallocate then writes zeros instead).
+    fail with EOPNOTSUPP).
     """
 
     def __init__(self, namespace: Namespace, *, timeout: float = CACHE_TIMEOUT) -> None:
