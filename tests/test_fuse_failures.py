@@ -176,6 +176,35 @@ def test_data_whose_write_back_failed_still_reads_eio_after_a_remount(
     assert_clean(m.pool)
 
 
+def test_unmount_names_files_whose_data_no_program_was_told_was_lost(
+        tmp_path: Path, fuse_available: None) -> None:
+    # As in the first test, the second file's write-back fails after its close. Nothing
+    # opens it again, so no program hears of it: unmount must say so and fail, and the
+    # pool must still close cleanly (the lost chunk is recorded).
+    with faults("write:enospc:after=1"), mounted_pool(tmp_path, disks=4) as m:
+        first, second = os.urandom(300 * KiB), os.urandom(300 * KiB)
+        write_file(m / "first", first)
+        (m / "sub").mkdir()
+        write_file(m / "sub" / "second", second, fsync=False)
+        LogWatch(m.pool, offset=0).wait_for("write-back failed")
+        done = cli("unmount", m.mnt, check=False)
+        assert done.returncode == 1, done.stderr
+        assert not is_mounted(m.mnt)
+        message = done.stderr.strip()
+        assert message.startswith(f"dynamicfs: error: unmounted {m.mnt}, but data last "
+                                  "written to 1 file could not be stored (No space left on "
+                                  "device): /sub/second."), message
+        assert message.endswith("dynamicfs.log") and "\n" not in message
+    with mounted_pool_again(m) as m:
+        with pytest.raises(OSError) as read:
+            (m / "sub" / "second").read_bytes()
+        assert read.value.errno == errno.EIO
+        assert (m / "first").read_bytes() == first
+        os.unlink(m / "sub" / "second")
+        done = cli("unmount", m.mnt)  # nothing lost this time: a plain unmount
+        assert done.stdout.startswith(f"unmounted {m.mnt} (pool ")
+
+
 @contextlib.contextmanager
 def mounted_pool_again(m: Mount) -> Iterator[Mount]:
     """Mount `m` again (without the faults of before); always unmounted at the end."""

