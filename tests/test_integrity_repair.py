@@ -97,6 +97,32 @@ def test_repair_rebuilds_failed_disks_least_redundant_extent_first(
     assert read_file(pool_dir, "a") == DATA
 
 
+def test_a_repair_mends_what_the_last_scrub_found(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """health and the failure margin go by what is wrong now: extents the last scrub
+    found under-redundant, and a repair has rebuilt since, no longer count."""
+    pool_dir = make_pool(tmp_path, disks=7)
+    write_files(pool_dir, {"f": DATA})
+    with Pool.open(pool_dir) as pool:
+        with pool.meta.read() as conn:
+            disk = conn.execute("SELECT disk_id FROM fragments LIMIT 1").fetchone()[0]
+        set_disk_health(pool, str(disk), "failed")
+        found = scrub(pool)
+        assert found.under_redundant > 0 and found.repaired == 0
+    capsys.readouterr()
+    assert cli("health", str(pool_dir), "--json") == 1
+    health = json.loads(capsys.readouterr().out)
+    assert health["scrub_findings"] == {"under-redundant": found.under_redundant}
+    code, r = repair_json(capsys, pool_dir)
+    assert code == 0 and r["repaired"] == found.under_redundant
+    assert cli("remove-disk", str(pool_dir), str(disk)) == 0
+    capsys.readouterr()
+    assert cli("health", str(pool_dir), "--json") == 0
+    health = json.loads(capsys.readouterr().out)
+    assert health["status"] == "healthy" and health["problems"] == []
+    assert health["scrub_findings"] == {"repaired": found.under_redundant}
+
+
 def test_extents_written_short_of_their_policy_are_completed_once_a_disk_is_added(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pool_dir = make_pool(tmp_path)

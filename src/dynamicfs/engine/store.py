@@ -1058,7 +1058,13 @@ class ExtentStore:
         if not new_rows:
             return "stuck"
         self.stats["rebuild_done"] += 1
-        return "repaired" if rebuilt.kept + len(new_rows) >= info.policy.width else "partial"
+        if rebuilt.kept + len(new_rows) < info.policy.width:
+            return "partial"
+        # Whatever the last scrub found wrong with it is mended now, by whichever repair
+        # (health and what-if would otherwise go on counting it until the next scrub).
+        conn.execute("UPDATE scrub_problems SET state = 'repaired' WHERE extent_id = ?",
+                     (info.id,))
+        return "repaired"
 
     # -- moving fragments between segments ----------------------------------------------
     def move_fragments(self, disk_id: int, rows: list[FragmentRow]) -> tuple[int, int]:
