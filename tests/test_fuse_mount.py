@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,6 +240,47 @@ def test_admin_commands_reach_the_mounted_pool(pool: Mount, tmp_path: Path) -> N
         assert (pool / "wide" / "f").read_bytes() == b"five copies"
     finally:
         os.rename(victim["path"] + ".gone", victim["path"])
+
+
+def _as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           *argv], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("option, others_may", [(None, False), ("allow_other", True),
+                                                ("allow_root", False)])
+def test_other_users_reach_the_mount_only_with_allow_other(
+        tmp_path: Path, option: str | None, others_may: bool) -> None:
+    """Without an option only the user who mounted (and with allow_root root too) gets
+    in; allow_other lets everyone in, with permissions checked as usual."""
+    pool_dir, disks = make_pool(tmp_path, 3)
+    # A mountpoint every user can reach (tmp_path itself is private to root).
+    top = Path(tempfile.mkdtemp(prefix="dfs-allow-", dir="/tmp"))
+    top.chmod(0o755)
+    m = Mount(pool_dir, top / "mnt", disks, [option] if option else [])
+    m.mnt.mkdir()
+    m.mount()
+    try:
+        (m.mnt / "public").write_bytes(b"for everyone\n")
+        (m.mnt / "private").write_bytes(b"root only\n")
+        (m.mnt / "private").chmod(0o600)
+        info = json.loads((pool_dir / "mount.json").read_text())
+        shown = set(info["options"])
+        assert ({"allow_other", "allow_root"} & shown) == ({option} if option else set())
+        public = _as_nobody("cat", str(m.mnt / "public"))
+        private = _as_nobody("cat", str(m.mnt / "private"))
+        if others_may:
+            assert public.returncode == 0 and public.stdout == "for everyone\n"
+            assert private.returncode != 0 and "Permission denied" in private.stderr
+        else:
+            assert public.returncode != 0 and "Permission denied" in public.stderr
+        assert (m.mnt / "private").read_bytes() == b"root only\n"  # root, the owner
+    finally:
+        try:
+            m.unmount()
+        finally:
+            m.force_unmount()
+            subprocess.run(["rm", "-rf", str(top)], check=False)
 
 
 def test_unmount_refuses_a_busy_mount(pool: Mount) -> None:

@@ -275,7 +275,9 @@ def _serve_pool(pool_dir: Path, mnt: Path, options: MountOptions,
         copier = PeriodicCopier(pool_obj)
         try:
             request = mount_request(pool_dir, mnt, options)
-            opts = {*request.option_names(), *(["allow_root"] if request.allow_root else [])}
+            opts = set(request.option_names())
+            if request.allow_root:  # the kernel is asked for allow_other; others are refused
+                opts = (opts - {"allow_other"}) | {"allow_root"}
             rebuilder = BackgroundRebuild(pool_obj)
             sweeper = SegmentSweeper(pool_obj)
             control = ControlServer(pool_obj, before_op=lambda name: namespace.sync_all())
