@@ -208,6 +208,13 @@ def test_disks_on_one_filesystem_share_its_free_space_and_add_disk_says_so(
         shared = sum(rows[i]["capacity"] - rows[i]["used"] for i in (1, 2, 3, 5))
         assert abs(shared - vfs.f_bavail * vfs.f_frsize) < 64 * 2**20
         assert 60 * 2**20 < rows[4]["capacity"] <= 64 * 2**20
+        code, out, err = run(capsys, "status", pool_dir, "--json")
+        assert code == 0 and json.loads(out)["shared_filesystems"] == [[1, 2, 3, 5]], err
+        assert run(capsys, "fail-disk", pool_dir, "2")[0] == 0
+        code, out, err = run(capsys, "status", pool_dir)
+        assert code == 0, err
+        assert "note: disks 1, 3, 5 are on one filesystem, so one failure of its device " \
+               "fails them together" in out
 
 
 def test_init_on_a_full_filesystem_leaves_nothing_behind(

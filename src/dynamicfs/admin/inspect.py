@@ -183,6 +183,9 @@ class Status:
     files_at_risk_total: int = 0
     rebuild: RebuildState | None = None  # the mount daemon's background rebuild, if any
     survives_failures: int = 0  # arbitrary disk failures every extent survives now
+    # Groups of disks (failed ones left out) that are directories on one filesystem: one
+    # failure of its device fails them together, which survives_failures does not know.
+    shared_filesystems: list[list[int]] = field(default_factory=list)
 
 
 @operation("status", writes=False)
@@ -216,7 +219,16 @@ def status(pool: Pool) -> Status:
         raw_capacity=sum(caps), raw_used=sum(d.used for d in disks), raw_free=sum(frees),
         usable=usable, repair_queue=queued,
         files_at_risk=at_risk[:MAX_PATHS], files_at_risk_total=len(at_risk),
-        rebuild=read_state(pool.path), survives_failures=failures_survivable(pool))
+        rebuild=read_state(pool.path), survives_failures=failures_survivable(pool),
+        shared_filesystems=_shared_filesystems(pool))
+
+
+def _shared_filesystems(pool: Pool) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for d in sorted(pool.disks.values(), key=lambda d: d.id):
+        if d.state != health.FAILED:
+            groups.setdefault(pool.store.device_of(d.id), []).append(d.id)
+    return [ids for ids in groups.values() if len(ids) > 1]
 
 
 # -- list-extents -------------------------------------------------------------------------

@@ -34,6 +34,10 @@ def _status_text(s: dict[str, Any]) -> None:
     n = s["survives_failures"]
     click.echo(f"survives now: {n} arbitrary disk failure{'s' if n != 1 else ''} "
                "without losing data")
+    for ids in s.get("shared_filesystems", []):
+        click.echo(f"note: disks {', '.join(map(str, ids))} are on one filesystem, so one "
+                   "failure of its device fails them together (the count above takes them "
+                   "as separate disks)")
     click.echo(f"repair queue: {s['repair_queue']} extents")
     rebuild = s.get("rebuild")
     if rebuild and rebuild["active"]:
