@@ -14,7 +14,9 @@ are removed.
 `start_detached()` runs the daemon as `python -m dynamicfs.fuse.daemon` in a new
 session with its output in POOL/logs/daemon.out, and returns once the mount is ready
 (the daemon reports over a pipe) or raises with the daemon's reason. `unmount()`
-unmounts and waits until the daemon has exited, so the pool can be opened again.
+unmounts and waits until the daemon has exited, so the pool can be opened again, and
+returns what the daemon logged at exit that no program was told of (data it could not
+store, a failure closing the pool).
 
 This module wires every layer of the process together, so it is the one place in
 the fuse layer that imports control. It never prints: callers pass `ready` callbacks.
@@ -397,9 +399,12 @@ def _read_report(fd: int, timeout: float) -> dict[str, object] | None:
 def _log_unstored(pool: Pool, errors: dict[int, int]) -> None:
     """Name in the log the files whose data could not be stored with no program told
     (written and closed before the write-back failed): unmount() reports it."""
-    with pool.meta.read() as conn:
-        resolver = PathResolver(conn)
-        files = [resolver.paths(ino)[0] for ino in sorted(errors)]
+    try:
+        with pool.meta.read() as conn:
+            resolver = PathResolver(conn)
+            files = [resolver.paths(ino)[0] for ino in sorted(errors)]
+    except sqlite3.Error:  # the metadata failing too: the inodes say it still
+        files = [f"<inode {ino}>" for ino in sorted(errors)]
     error(UNSTORED_EVENT, pid=os.getpid(), files=files,
           reasons=sorted({os.strerror(code) for code in errors.values()}))
 
