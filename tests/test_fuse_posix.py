@@ -345,10 +345,6 @@ def _requests(fs: Mount, op: str) -> int:
     return int(float(found.group(1))) if found else 0
 
 
-def _getxattr_requests(fs: Mount) -> int:
-    return _requests(fs, "getxattr")
-
-
 def test_misses_are_cached_and_names_made_through_the_mount_replace_them(
         fs: Mount, work: Path) -> None:
     """A lookup of a name that does not exist is answered as a cacheable miss (as
@@ -393,16 +389,16 @@ def test_write_only_opens_skip_the_page_cache_and_readers_see_their_writes(
         with open(path, "r+b", buffering=0) as reader, \
                 mmap.mmap(reader.fileno(), 0, prot=mmap.PROT_READ) as mapped:
             assert mapped[:] == expected and reader.read() == expected  # cached now
-            before = _getxattr_requests(fs)
+            before = _requests(fs, "getxattr")
             for offset, data in ((4000, b"b" * 200), (0, b"c"), (3 * 4096 - 1, b"d")):
                 assert os.pwrite(writer, data, offset) == len(data)
                 expected[offset: offset + len(data)] = data
                 assert os.pread(reader.fileno(), len(expected), 0) == expected
                 assert mapped[:] == expected
-            between = _getxattr_requests(fs)
+            between = _requests(fs, "getxattr")
             os.pwrite(reader.fileno(), b"e", 1)  # a cached write, for comparison
             expected[1:2] = b"e"
-            after = _getxattr_requests(fs)
+            after = _requests(fs, "getxattr")
     finally:
         os.close(writer)
     direct = kernel_keeps_cache_right_around_direct_writes()

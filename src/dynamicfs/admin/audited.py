@@ -12,7 +12,6 @@ audit record.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from dynamicfs.admin import registry
@@ -48,7 +47,7 @@ def run_audited(pool: Pool, name: str, args: dict[str, Any], actor: Actor,
 def run_offline(pool: Pool, name: str, args: dict[str, Any],
                 progress: registry.Progress | None = None) -> Any:
     """An operation in this process, on a pool it opened: logs to the pool, audited."""
-    logfile = Path(pool.path) / logmod.LOG_DIR / logmod.LOG_FILE
+    logfile = logmod.log_path(pool.path)
     if not logmod.logs_to(logfile):
         try:
             logmod.configure_for_pool(pool.path)

@@ -12,7 +12,7 @@ import click
 from dynamicfs.cli.common import flexible, print_json, run_op
 from dynamicfs.errors import DynamicFSError
 from dynamicfs.fuse import daemon
-from dynamicfs.observability.log import LEVELS
+from dynamicfs.observability.log import LEVELS, log_path
 
 
 def register(cli: click.Group) -> None:
@@ -58,7 +58,7 @@ def register(cli: click.Group) -> None:
                        "the mount it left behind)")
         elif done.problem:
             raise DynamicFSError(f"unmounted {done.mountpoint}, but {done.problem}; see "
-                                 f"{Path(done.pool or '.') / 'logs' / 'dynamicfs.log'}")
+                                 f"{log_path(done.pool or '.')}")
         else:
             pool = f" (pool {done.pool} flushed and closed)" if done.pool else ""
             click.echo(f"unmounted {done.mountpoint}{pool}")

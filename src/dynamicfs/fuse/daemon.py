@@ -65,10 +65,10 @@ from dynamicfs.namespace.fs import Namespace
 from dynamicfs.observability.log import (
     LEVELS,
     LOG_DIR,
-    LOG_FILE,
     configure_for_pool,
     error,
     log,
+    log_path,
 )
 from dynamicfs.observability.metrics import parse_address, start_metrics_server
 
@@ -436,14 +436,14 @@ def unmount(target: Path | str, *, lazy: bool = False, timeout: float = EXIT_TIM
     """
     path, pool_dir = _resolve(target)
     pid = _daemon_pid(pool_dir, path) if pool_dir else None
-    log_path = pool_dir / LOG_DIR / LOG_FILE if pool_dir else None
-    mark = _size(log_path) if log_path else 0
+    logfile = log_path(pool_dir) if pool_dir else None
+    mark = _size(logfile) if logfile else 0
     _fusermount_u(path, lazy)
     problem = None
     if pid is not None and not lazy:
         _wait_exit(pid, timeout, path)
-        if log_path is not None:
-            problem = _exit_problem(log_path, mark, pid)
+        if logfile is not None:
+            problem = _exit_problem(logfile, mark, pid)
     if pool_dir is not None and pid is None:
         _clear_stale(pool_dir)
     return Unmounted(str(path), str(pool_dir) if pool_dir else None, pid, problem)

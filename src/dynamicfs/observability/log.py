@@ -96,9 +96,14 @@ def configure(level: str | None = None, logfile: Path | None = None, stderr: boo
         _logger.addHandler(logging.NullHandler())
 
 
+def log_path(pool_dir: Path | str) -> Path:
+    """POOL/logs/dynamicfs.log: where the pool's commands and mount daemon log."""
+    return Path(pool_dir) / LOG_DIR / LOG_FILE
+
+
 def configure_for_pool(pool_dir: Path, level: str | None = None, stderr: bool = False) -> None:
     """Log to POOL/logs/dynamicfs.log (and stderr in the foreground), naming the pool."""
-    configure(level, Path(pool_dir) / LOG_DIR / LOG_FILE, stderr=stderr, pool=str(pool_dir))
+    configure(level, log_path(pool_dir), stderr=stderr, pool=str(pool_dir))
 
 
 def logs_to(path: Path) -> bool:
