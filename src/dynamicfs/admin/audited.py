@@ -5,12 +5,14 @@ The control server (operations sent to the mount daemon) and the offline runner
 the request came from. Every operation that changes the pool (`writes=True`) leaves an
 `admin` audit record, whether it succeeded, was refused or crashed; read-only
 operations (status, list-disks, metrics, health) leave none, so that monitoring does
-not drown the trail. Each request gets a request id, which tags its log lines and its
-audit record.
+not drown the trail, and neither does anything run on a pool opened read-only (it
+changes nothing, and there is nowhere to write). Each request gets a request id, which
+tags its log lines and its audit record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -24,6 +26,8 @@ from dynamicfs.observability.audit import Actor, actor_scope, audit, local_actor
 def run_audited(pool: Pool, name: str, args: dict[str, Any], actor: Actor,
                 progress: registry.Progress | None = None) -> Any:
     op = registry.get(name)
+    if pool.read_only:
+        op = dataclasses.replace(op, writes=False)
     with actor_scope(actor), logmod.request_scope():
         start = time.monotonic()
         try:
@@ -46,11 +50,15 @@ def run_audited(pool: Pool, name: str, args: dict[str, Any], actor: Actor,
 
 def run_offline(pool: Pool, name: str, args: dict[str, Any],
                 progress: registry.Progress | None = None) -> Any:
-    """An operation in this process, on a pool it opened: logs to the pool, audited."""
+    """An operation in this process, on a pool it opened: logs to the pool, audited. A
+    pool opened read-only has nowhere to log: what matters is in the operation's
+    report."""
     logfile = logmod.log_path(pool.path)
-    if not logmod.logs_to(logfile):
+    if pool.read_only:
+        logmod.configure(pool=str(pool.path))
+    elif not logmod.logs_to(logfile):
         try:
             logmod.configure_for_pool(pool.path)
-        except OSError:
-            pass  # a read-only pool directory: the operation itself will say so
+        except OSError:  # the log cannot be written: the operation itself will say why
+            logmod.configure(pool=str(pool.path))
     return run_audited(pool, name, args, local_actor("cli"), progress)

@@ -24,7 +24,7 @@ def _with_clean(report: Any) -> dict[str, Any]:
     return doc
 
 
-@operation("scrub")
+@operation("scrub", changes_with="repair")
 def scrub_pool(pool: Pool, repair: bool = False, restart: bool = False,
                progress: Progress | None = None) -> dict[str, Any]:
     """Check every fragment of every extent; with repair, rebuild what can be."""
@@ -51,7 +51,7 @@ def repair_pool(pool: Pool, limit: int | None = None,
     return _with_clean(repair.rebuild_pending(pool, progress, limit))
 
 
-@operation("fsck")
+@operation("fsck", changes_with="repair")
 def fsck_pool(pool: Pool, repair: bool = False) -> dict[str, Any]:
     report = fsck_mod.fsck(pool, repair)
     doc = _with_clean(report)

@@ -34,9 +34,21 @@ _MODULES = (
 
 @dataclass(frozen=True)
 class Operation:
+    """`writes`: it changes the pool (and leaves an audit record). `changes_with`: the
+    argument without which it only checks (scrub and fsck without `repair`), writing
+    nothing but its own bookkeeping: such a run can check a pool whose directory is
+    read-only (see changes())."""
+
     name: str
     fn: Callable[..., Any]
     writes: bool
+    changes_with: str | None = None
+
+    def changes(self, args: dict[str, Any]) -> bool:
+        """Whether running with `args` changes the pool beyond its own bookkeeping."""
+        if self.changes_with is not None:
+            return bool(args.get(self.changes_with))
+        return self.writes
 
 
 OPERATIONS: dict[str, Operation] = {}
@@ -45,9 +57,10 @@ OPERATIONS: dict[str, Operation] = {}
 Handler = Callable[..., Any]
 
 
-def operation(name: str, *, writes: bool = True) -> Callable[[Handler], Handler]:
+def operation(name: str, *, writes: bool = True,
+              changes_with: str | None = None) -> Callable[[Handler], Handler]:
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        OPERATIONS[name] = Operation(name, fn, writes)
+        OPERATIONS[name] = Operation(name, fn, writes, changes_with)
         return fn
     return register
 

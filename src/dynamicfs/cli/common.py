@@ -16,11 +16,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dynamicfs.admin import registry
 from dynamicfs.admin.audited import run_offline
 from dynamicfs.control import client
 from dynamicfs.disks import faulty
-from dynamicfs.engine.pool import Pool, check_pool_dir
-from dynamicfs.errors import DynamicFSError, Interrupted, PoolBusyError
+from dynamicfs.engine.pool import Pool, check_pool_dir, directory_writable
+from dynamicfs.errors import DynamicFSError, Interrupted, PoolBusyError, PoolError
 
 # Piped output is read by scripts: tables there keep each row on one line.
 PIPE_WIDTH = 4096
@@ -97,12 +98,23 @@ def run_op(pool_path: str, op: str, args: dict[str, Any] | None = None, *,
            if_interrupted: str = "") -> Any:
     """Run an admin operation: in-process when the pool is free, else in its mount daemon.
     Ctrl-C says where the work was left: the daemon carries on with it; in-process it
-    stops part way, and `if_interrupted` tells the user what that leaves behind."""
+    stops part way, and `if_interrupted` tells the user what that leaves behind.
+
+    A pool directory on a read-only filesystem is opened read-only (Pool.open) for the
+    operations that only read, and for the checks that change nothing but their own
+    bookkeeping (Operation.changes_with), which then goes to a private copy of the
+    metadata; the others are refused, with a note on what works."""
     pool_dir = check_pool_dir(pool_path)
     args = args or {}
+    read_only = not directory_writable(pool_dir)
+    operation = registry.get(op)
+    if read_only and operation.changes(args):
+        raise PoolError(f"pool directory {pool_dir} is read-only, and {op} would change the "
+                        "pool; remount it read-write (status, list-disks, health, scrub and "
+                        "fsck without --repair, and the other reports work as it is)")
     with ProgressBar(progress_label or op, enabled=show_progress) as bar:
         try:
-            pool = Pool.open(pool_dir)
+            pool = Pool.open(pool_dir, read_only=read_only, scratch=operation.writes)
         except PoolBusyError:
             if client.socket_path(pool_dir).exists():
                 try:
@@ -112,6 +124,9 @@ def run_op(pool_path: str, op: str, args: dict[str, Any] | None = None, *,
                                       f"('dynamicfs status {pool_dir}' shows the pool)"
                                       ) from None
             raise
+        if read_only:
+            click.echo(f"note: pool directory {pool_dir} is read-only: showing the pool as "
+                       "last stored; nothing in it can change", err=True)
         with pool:
             if os.environ.get(faulty.ENV_VAR):  # tests: disks that fail on purpose
                 try:

@@ -12,7 +12,7 @@ import click
 
 from dynamicfs.cli.common import flexible, print_json, print_table, run_op
 from dynamicfs.control import client
-from dynamicfs.engine.pool import Pool, check_pool_dir
+from dynamicfs.engine.pool import Pool, check_pool_dir, directory_writable
 from dynamicfs.errors import PoolBusyError
 from dynamicfs.maintenance.background import FREQUENCIES, INTENSITIES
 from dynamicfs.observability import log as logmod
@@ -131,7 +131,7 @@ def _serve_until_stopped(server: metrics.MetricsServer, what: str) -> None:
 def metrics_server(pool: str, address: str) -> None:
     pool_dir = check_pool_dir(pool)
     try:
-        opened = Pool.open(pool_dir)
+        opened = Pool.open(pool_dir, read_only=not directory_writable(pool_dir))
     except PoolBusyError:
         if not client.socket_path(pool_dir).exists():
             raise
@@ -141,7 +141,8 @@ def metrics_server(pool: str, address: str) -> None:
         _serve_until_stopped(server, f"pool {pool_dir} (through its mount daemon)")
         return
     with opened:
-        logmod.configure_for_pool(pool_dir)
+        if not opened.read_only:
+            logmod.configure_for_pool(pool_dir)
         server = metrics.serve_metrics(opened, address)
         _serve_until_stopped(server, f"pool {pool_dir} (held open: it cannot be mounted "
                                      "meanwhile)")

@@ -111,6 +111,17 @@ def check_pool_dir(path: Path | str) -> Path:
     return pool_dir
 
 
+def directory_writable(pool_dir: Path) -> bool:
+    """False when the pool directory's filesystem is mounted read-only (or this user may
+    not write there): the pool can then only be read (Pool.open's read_only)."""
+    try:
+        if os.statvfs(pool_dir).f_flag & os.ST_RDONLY:
+            return False
+    except OSError:
+        return True  # let opening the pool say what is wrong
+    return os.access(pool_dir, os.W_OK)
+
+
 def mount_info(path: Path) -> dict[str, object] | None:
     try:
         return dict(json.loads((Path(path) / MOUNT_INFO).read_text()))
@@ -152,22 +163,31 @@ def _command_line() -> str:
 
 
 class PoolLock:
-    """An exclusive flock on `pool.lock`, held for as long as the pool is open."""
+    """An exclusive flock on `pool.lock`, held for as long as the pool is open; shared
+    (`shared=True`) by processes that only read a pool whose directory is read-only."""
 
-    def __init__(self, pool_dir: Path) -> None:
+    def __init__(self, pool_dir: Path, *, shared: bool = False) -> None:
         self.path = pool_dir / LOCK_NAME
+        self.shared = shared
         self.fd: int | None = None
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            if self.shared:
+                fd = os.open(self.path, os.O_RDONLY)
+            else:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            if self.shared:
+                return  # never opened read-write, so never mounted: nothing to share
+            raise PoolError(f"cannot open {self.path}: no such file") from None
         except OSError as exc:
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise PoolError(f"pool directory {self.path.parent} is read-only; "
                                 "remount it read-write or run as its owner") from None
             raise PoolError(f"cannot open {self.path}: {exc.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = self._holder(fd)
             os.close(fd)
@@ -180,6 +200,8 @@ class PoolLock:
             raise PoolBusyError(f"pool {self.path.parent} is in use by {holder}; wait for it "
                                 "to finish (or stop it), then run this again") from None
         self.fd = fd
+        if self.shared:
+            return
         # Who holds it, for the refusal above (informational: the flock is the lock).
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
@@ -225,21 +247,37 @@ class Pool:
 
     # -- opening -------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path | str, *, lock: bool = True) -> Pool:
+    def open(cls, path: Path | str, *, lock: bool = True, read_only: bool = False,
+             scratch: bool = False) -> Pool:
+        """Open the pool at `path`. `read_only`: for a pool directory on a read-only
+        filesystem (see `directory_writable`); the pool is then read as it was last
+        stored and nothing in it can change (MetaStore's read_only). `scratch`, with
+        `read_only`: the metadata may be written, into a private copy dropped at close
+        (for a check's own bookkeeping; MetaStore's scratch)."""
         pool_dir = check_pool_dir(path)
-        pool_lock = PoolLock(pool_dir) if lock else None
+        pool_lock = PoolLock(pool_dir, shared=read_only) if lock else None
         if pool_lock:
             pool_lock.acquire()
         try:
-            meta = MetaStore(pool_dir / DB_NAME)
-            _check_format(meta)
-            meta.migrate()
-            _bump_epoch(meta)
+            meta = MetaStore(pool_dir / DB_NAME, read_only=read_only, scratch=scratch)
+            try:
+                _check_format(meta)
+                meta.migrate()
+                if not read_only:
+                    _bump_epoch(meta)
+            except BaseException:
+                meta.close()
+                raise
             return cls(pool_dir, meta, pool_lock)
         except BaseException:
             if pool_lock:
                 pool_lock.release()
             raise
+
+    @property
+    def read_only(self) -> bool:
+        """Opened read-only (see open()): nothing in the pool can change."""
+        return self.meta.read_only
 
     def _load_config(self) -> PoolConfig:
         with self.meta.read() as conn:

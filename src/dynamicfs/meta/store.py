@@ -15,13 +15,24 @@ Rules:
   that counts as a rollback (the after-rollback hooks run; the changes are lost, as in
   a crash), and a full disk is raised as NoSpaceError (ENOSPC), so that the next
   change starts a fresh transaction once there is room again.
+- `read_only=True` is for a pool directory on a read-only filesystem, where SQLite can
+  neither write the database nor create the files of its write-ahead log: the database
+  is opened as immutable, or, when a write-ahead log was left behind (the pool was not
+  closed cleanly) or the schema is older than this DynamicFS's, a private copy of both
+  is opened, brought up to date and read instead (see `_snapshot`). Either way nothing
+  can change: every write() raises PoolError. With `scratch=True` as well, the private
+  copy is always made and may be written: for checks (scrub, fsck) that keep their own
+  bookkeeping in the metadata; what they write is dropped with the copy at close().
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,23 +44,32 @@ DB_NAME = "pool.db"
 
 
 class MetaStore:
-    def __init__(self, path: Path, *, create: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, read_only: bool = False,
+                 scratch: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
+        self.scratch = scratch and read_only
+        self._snapshot_dir: Path | None = None
+        self._readers: list[sqlite3.Connection] = []  # from open_reader(): closed by close()
         if not create and not self.path.exists():
             raise PoolError(f"{self.path.parent} has no metadata database ({DB_NAME}); "
                             "run 'dynamicfs recover-metadata' or check the path")
         conn: sqlite3.Connection | None = None
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            if read_only:
+                conn = self._connect_read_only()
+            else:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=OFF")
             conn.execute("PRAGMA cache_size=-65536")
             self.conn = conn
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OSError) as exc:
             if conn is not None:
                 conn.close()  # no descriptor left open on a file the caller may remove
-            if _nearly_full(self.path.parent):  # SQLite cannot start its WAL there
+            self._drop_snapshot()
+            if not read_only and _nearly_full(self.path.parent):  # no room for its WAL
                 raise PoolError(f"cannot open the metadata database {self.path}: its "
                                 "filesystem is full; free some space there") from None
             raise PoolError(f"metadata database {self.path} is unreadable ({exc}); "
@@ -63,33 +83,78 @@ class MetaStore:
         self._after_commit: list[Callable[[], None]] = []
         self.commits = 0
 
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A connection that reads the database without writing anything beside it
+        (see the module docstring); every statement that would change it fails."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if self.scratch:
+            return self._snapshot(wal)
+        conn = None
+        if not (wal.exists() and wal.stat().st_size > 0):
+            conn = self.open_reader()
+            if int(conn.execute("PRAGMA user_version").fetchone()[0]) < SCHEMA_VERSION:
+                conn.close()
+                conn = None
+        if conn is None:
+            conn = self._snapshot(wal)
+        conn.execute("PRAGMA query_only=1")
+        return conn
+
+    def open_reader(self) -> sqlite3.Connection:
+        """Another connection to this pool's metadata that only reads (it sees what is
+        committed): of the database itself, or, for a read-only store, of what the store
+        reads (the database as immutable, or its private copy)."""
+        if self._snapshot_dir is not None:
+            path, flag = self._snapshot_dir / self.path.name, "mode=ro"
+        else:
+            path, flag = self.path.absolute(), "immutable=1" if self.read_only else "mode=ro"
+        uri = f"file:{urllib.parse.quote(str(path))}?{flag}"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        self._readers.append(conn)
+        return conn
+
+    def _snapshot(self, wal: Path) -> sqlite3.Connection:
+        """Copy the database and its write-ahead log into a private directory and open
+        the copy: SQLite replays the log there (the commits it holds are the newest
+        metadata), and the copy's schema is brought up to date. Removed by close()."""
+        self._snapshot_dir = Path(tempfile.mkdtemp(prefix="dynamicfs-meta-"))
+        copy = self._snapshot_dir / self.path.name
+        shutil.copyfile(self.path, copy)
+        if wal.exists():
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        conn = sqlite3.connect(copy, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        try:
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _drop_snapshot(self) -> None:
+        if self._snapshot_dir is not None:
+            shutil.rmtree(self._snapshot_dir, ignore_errors=True)
+            self._snapshot_dir = None
+
     # -- schema --------------------------------------------------------------
     def schema_version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
     def migrate(self) -> None:
-        """Bring the schema up to date, one migration per transaction."""
-        version = self.schema_version()
-        if version > SCHEMA_VERSION:
-            raise PoolError(f"metadata schema {version} is newer than this DynamicFS "
-                            f"({SCHEMA_VERSION}); upgrade DynamicFS")
-        for target in range(version, SCHEMA_VERSION):
-            with self.lock:
-                self.conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in _statements(MIGRATIONS[target]):
-                        self.conn.execute(statement)
-                    self.conn.execute(f"PRAGMA user_version={target + 1}")
-                    self.conn.execute("COMMIT")
-                except BaseException:
-                    self.conn.execute("ROLLBACK")
-                    raise
+        """Bring the schema up to date, one migration per transaction (a read-only
+        store's copy was brought up to date when it was opened)."""
+        with self.lock:
+            if self.read_only:
+                _check_not_newer(self.schema_version())
+            else:
+                _migrate(self.conn)
 
     # -- transactions ----------------------------------------------------------
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One atomic change inside the current group transaction."""
         with self.lock:
+            self._check_writable()
             if not self._in_tx:
                 self.conn.execute("BEGIN IMMEDIATE")
                 self._in_tx = True
@@ -121,9 +186,15 @@ class MetaStore:
         For callers that keep changes in memory and write them from a before-commit hook.
         """
         with self.lock:
+            self._check_writable()
             if not self._in_tx:
                 self.conn.execute("BEGIN IMMEDIATE")
                 self._in_tx = True
+
+    def _check_writable(self) -> None:
+        if self.read_only and not self.scratch:
+            raise PoolError(f"pool directory {self.path.parent} is read-only, so nothing "
+                            "in the pool can change; remount it read-write")
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -197,8 +268,37 @@ class MetaStore:
 
     def close(self) -> None:
         with self.lock:
-            self.commit()
-            self.conn.close()
+            try:
+                self.commit()
+            finally:
+                self.conn.close()
+                for reader in self._readers:
+                    reader.close()
+                self._readers = []
+                self._drop_snapshot()
+
+
+def _check_not_newer(version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise PoolError(f"metadata schema {version} is newer than this DynamicFS "
+                        f"({SCHEMA_VERSION}); upgrade DynamicFS")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema of the database behind `conn` up to date, one migration per
+    transaction."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    _check_not_newer(version)
+    for target in range(version, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[target]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={target + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
 
 def _nearly_full(directory: Path) -> bool:

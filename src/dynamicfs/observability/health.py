@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import threading
 import time
 import weakref
@@ -57,8 +56,7 @@ class Reader:
 
     def __init__(self, meta: MetaStore) -> None:
         self.meta = meta
-        uri = Path(meta.path).absolute().as_uri() + "?mode=ro"  # as_uri escapes ? # %
-        self.conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self.conn = meta.open_reader()
         self.lock = threading.Lock()
 
     def query(self, sql: str, params: Iterable[object] = ()) -> list[tuple[Any, ...]]:
