@@ -7,7 +7,7 @@ Nothing here changes the pool. An extent's state is one of:
 - unreadable: fewer than k fragments on readable disks.
 
 Paths are paths inside the pool's namespace ('/dir/file'): `resolve_path` walks
-directory entries down from the root inode; maintenance.paths names inodes.
+directory entries down from the root inode; meta.paths names inodes.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dynamicfs.admin.registry import operation
 from dynamicfs.disks import health
 from dynamicfs.engine.pool import Pool
 from dynamicfs.errors import DynamicFSError
-from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.maintenance.rebuilder import RebuildState, read_state
 from dynamicfs.maintenance.whatif import failures_survivable
+from dynamicfs.meta.paths import PathResolver
 from dynamicfs.meta.schema import LOST_EXTENT
 from dynamicfs.namespace.types import ROOT_INO
 from dynamicfs.placement.placement import usable_capacity

@@ -57,8 +57,8 @@ from dynamicfs.fuse.adapter import Operations
 from dynamicfs.fuse.session import MountError, MountRequest, Session, split_options
 from dynamicfs.maintenance.gc import SegmentSweeper
 from dynamicfs.maintenance.metacopy import PeriodicCopier
-from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.maintenance.rebuilder import BackgroundRebuild
+from dynamicfs.meta.paths import PathResolver
 from dynamicfs.meta.store import DB_NAME
 from dynamicfs.mounttable import FSTYPE, find_mount, mount_holding, mounts
 from dynamicfs.namespace.fs import Namespace

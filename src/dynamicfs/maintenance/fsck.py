@@ -35,8 +35,8 @@ from dynamicfs.disks import health
 from dynamicfs.disks.directory import FragmentRef
 from dynamicfs.engine.pool import ID_BITS, mount_info
 from dynamicfs.errors import DynamicFSError, UnreadableError
-from dynamicfs.maintenance.paths import ROOT_INO, PathResolver
 from dynamicfs.maintenance.scrub import blocker_note, check_disks, rebuild, repair_blockers
+from dynamicfs.meta.paths import ROOT_INO, PathResolver
 from dynamicfs.meta.schema import LOST_EXTENT
 from dynamicfs.redundancy.policy import parse_concrete
 

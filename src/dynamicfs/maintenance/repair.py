@@ -32,8 +32,8 @@ from dynamicfs.disks import health
 from dynamicfs.engine.store import ExtentInfo
 from dynamicfs.errors import DynamicFSError, UnreadableError
 from dynamicfs.maintenance.parallel import Outcome, rebuild_in_batches
-from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.maintenance.scrub import blocker_note, rebuild, repair_blockers
+from dynamicfs.meta.paths import PathResolver
 from dynamicfs.redundancy.policy import parse_concrete
 
 if TYPE_CHECKING:

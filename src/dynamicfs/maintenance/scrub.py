@@ -34,7 +34,7 @@ from dynamicfs.disks import health
 from dynamicfs.disks.label import LabelError, read_label
 from dynamicfs.engine.store import FRAGMENT_COLUMNS, ExtentInfo, FragmentRow
 from dynamicfs.errors import DynamicFSError, UnreadableError
-from dynamicfs.maintenance.paths import PathResolver
+from dynamicfs.meta.paths import PathResolver
 from dynamicfs.redundancy import codecs
 from dynamicfs.redundancy.codecs import Payload
 from dynamicfs.redundancy.policy import parse_concrete

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dynamicfs.errors import DiskError
-from dynamicfs.maintenance.paths import PathResolver
 from dynamicfs.maintenance.repair import counting_disks, id_list
+from dynamicfs.meta.paths import PathResolver
 from dynamicfs.redundancy.policy import parse_concrete
 
 if TYPE_CHECKING:

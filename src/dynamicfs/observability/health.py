@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from dynamicfs.disks.health import COUNTS_FOR_REDUNDANCY, HEALTHY, READABLE
 from dynamicfs.disks.label import LABEL_NAME
+from dynamicfs.meta.paths import PathResolver
 from dynamicfs.meta.schema import LOST_EXTENT
 
 if TYPE_CHECKING:
@@ -160,36 +161,21 @@ def extents_at_risk(pool: Pool, db: Reader, limit: int) -> dict[str, list[int]]:
 
 
 def paths_of_extents(db: Reader, extent_ids: list[int], limit: int) -> list[str]:
-    """Paths of the files holding these extents (at most `limit`), '<inode N>' if detached."""
+    """Paths of the files holding these extents (at most `limit`, one per file: the
+    first of a file's hard links), '<inode N>' if detached."""
     out: list[str] = []
     seen: set[int] = set()
-    for extent_id in extent_ids:
-        for (ino,) in db.query("SELECT DISTINCT ino FROM file_extents WHERE extent_id = ?",
-                               (extent_id,)):
-            if ino in seen:
-                continue
-            seen.add(int(ino))
-            out.append(_path_of(db, int(ino)))
-            if len(out) >= limit:
-                return out
+    with db.lock:
+        resolver = PathResolver(db.conn)
+        for extent_id in extent_ids:
+            for ino in resolver.inodes_of_extent(extent_id):
+                if ino in seen:
+                    continue
+                seen.add(ino)
+                out.append(resolver.paths(ino)[0])
+                if len(out) >= limit:
+                    return out
     return out
-
-
-def _path_of(db: Reader, ino: int) -> str:
-    parts: list[str] = []
-    current = ino
-    for _ in range(4096):
-        if current == 1:
-            return "/" + "/".join(reversed(parts))
-        rows = db.query("SELECT parent, name FROM dentries WHERE ino = ? ORDER BY id LIMIT 1",
-                        (current,))
-        if not rows:
-            break
-        parent, name = rows[0]
-        parts.append(bytes(name).decode(errors="surrogateescape")
-                     if isinstance(name, bytes | memoryview) else str(name))
-        current = int(parent)
-    return f"<inode {ino}>"
 
 
 # -- scrubs -----------------------------------------------------------------------------
