@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from admin_support import (
+    assert_one_line_error,
     data_of,
     db_snapshot,
     make_pool,
@@ -92,24 +95,36 @@ def _extents_of(capsys: pytest.CaptureFixture[str], pool: Path) -> list[str]:
     return sorted({row["file"] for row in json.loads(out)})
 
 
-def test_a_pool_left_with_its_write_ahead_log_is_read_with_it(
-        pool_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # A process that commits and dies without closing the pool (as in a crash or a
-    # kill -9 of its daemon) leaves the newest commits in pool.db-wal.
+def _die_after(work: Callable[[], None]) -> None:
+    """Run `work` in a child process that then exits without closing anything, as a
+    crash (or a kill -9 of a mount daemon) would: what SQLite committed stays in its
+    write-ahead log (pool.db-wal)."""
     child = os.fork()
     if child == 0:  # pragma: no cover - the child process
         try:
-            pool = Pool.open(pool_dir)
-            ns = Namespace(pool)
-            attr = ns.create(ROOT_INO, b"late", 0o644, 0, 0)
-            ns.write(attr.ino, 0, data_of("late", 5000))
-            ns.fsync(attr.ino)
-            ns.release(attr.ino)
-            ns.sync_all()
+            work()
         finally:
             os._exit(0)
     _, status = os.waitpid(child, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def _snapshots() -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob("dynamicfs-meta-*"))
+
+
+def test_a_pool_left_with_its_write_ahead_log_is_read_with_it(
+        pool_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def write_late() -> None:
+        pool = Pool.open(pool_dir)
+        ns = Namespace(pool)
+        attr = ns.create(ROOT_INO, b"late", 0o644, 0, 0)
+        ns.write(attr.ino, 0, data_of("late", 5000))
+        ns.fsync(attr.ino)
+        ns.release(attr.ino)
+        ns.sync_all()
+
+    _die_after(write_late)
     wal = pool_dir / "pool.db-wal"
     assert wal.stat().st_size > 0
     # The database file alone does not have the file yet: only its log does.
@@ -122,7 +137,23 @@ def test_a_pool_left_with_its_write_ahead_log_is_read_with_it(
     with read_only_view(pool_dir, tmp_path / "ro") as view:
         assert _extents_of(capsys, view) == ["/a/small", "/big", "/late"]
     assert wal.read_bytes() == log_bytes
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("dynamicfs-meta-*"))
+    assert not _snapshots()
+
+
+def test_a_read_only_pool_of_a_newer_schema_is_refused_and_leaves_no_copy(
+        pool_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def bump_schema() -> None:
+        conn = sqlite3.connect(pool_dir / "pool.db")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        conn.commit()
+
+    _die_after(bump_schema)
+    assert (pool_dir / "pool.db-wal").stat().st_size > 0  # so a private copy is made
+    with read_only_view(pool_dir, tmp_path / "ro") as view:
+        code, _, err = run(capsys, "status", view)
+        assert_one_line_error(code, err)
+        assert f"newer than this DynamicFS ({SCHEMA_VERSION}); upgrade DynamicFS" in err
+        assert not _snapshots()
 
 
 def test_a_pool_of_an_older_schema_is_read_without_upgrading_it(

@@ -65,10 +65,12 @@ class MetaStore:
             conn.execute("PRAGMA foreign_keys=OFF")
             conn.execute("PRAGMA cache_size=-65536")
             self.conn = conn
-        except (sqlite3.DatabaseError, OSError) as exc:
+        except BaseException as exc:
             if conn is not None:
                 conn.close()  # no descriptor left open on a file the caller may remove
             self._drop_snapshot()
+            if not isinstance(exc, sqlite3.DatabaseError):
+                raise
             if not read_only and _nearly_full(self.path.parent):  # no room for its WAL
                 raise PoolError(f"cannot open the metadata database {self.path}: its "
                                 "filesystem is full; free some space there") from None
@@ -117,11 +119,16 @@ class MetaStore:
         """Copy the database and its write-ahead log into a private directory and open
         the copy: SQLite replays the log there (the commits it holds are the newest
         metadata), and the copy's schema is brought up to date. Removed by close()."""
-        self._snapshot_dir = Path(tempfile.mkdtemp(prefix="dynamicfs-meta-"))
-        copy = self._snapshot_dir / self.path.name
-        shutil.copyfile(self.path, copy)
-        if wal.exists():
-            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        try:
+            self._snapshot_dir = Path(tempfile.mkdtemp(prefix="dynamicfs-meta-"))
+            copy = self._snapshot_dir / self.path.name
+            shutil.copyfile(self.path, copy)
+            if wal.exists():
+                shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        except OSError as exc:
+            raise PoolError(f"cannot copy the metadata of read-only pool {self.path.parent} "
+                            f"to a temporary directory to read it there ({exc.strerror}); "
+                            "set TMPDIR to a writable directory with room") from None
         conn = sqlite3.connect(copy, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         try:
