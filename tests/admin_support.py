@@ -193,7 +193,6 @@ def read_only_view(source: Path, view: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(view)], check=True, capture_output=True)
 
 
-
 def interrupt_remove_disk(pool_dir: Path, disk_id: int,
                           env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run `dynamicfs remove-disk POOL DISK` and press Ctrl-C (SIGINT) as soon as the

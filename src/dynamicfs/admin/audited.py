@@ -12,7 +12,6 @@ tags its log lines and its audit record.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -25,24 +24,22 @@ from dynamicfs.observability.audit import Actor, actor_scope, audit, local_actor
 
 def run_audited(pool: Pool, name: str, args: dict[str, Any], actor: Actor,
                 progress: registry.Progress | None = None) -> Any:
-    op = registry.get(name)
-    if pool.read_only:
-        op = dataclasses.replace(op, writes=False)
+    audited = registry.get(name).writes and not pool.read_only
     with actor_scope(actor), logmod.request_scope():
         start = time.monotonic()
         try:
             result = registry.run(pool, name, args, progress)
         except DynamicFSError as exc:
-            if op.writes:
+            if audited:
                 audit("admin", pool=pool, op=name, args=args, outcome="refused",
                       error=str(exc), seconds=round(time.monotonic() - start, 3))
             raise
         except BaseException as exc:
-            if op.writes:
+            if audited:
                 audit("admin", pool=pool, op=name, args=args, outcome="failed",
                       error=repr(exc), seconds=round(time.monotonic() - start, 3))
             raise
-        if op.writes:
+        if audited:
             audit("admin", pool=pool, op=name, args=args, outcome="ok",
                   seconds=round(time.monotonic() - start, 3))
         return result

@@ -255,10 +255,11 @@ class ExtentStore:
             self._devices[disk_id] = dev
         return dev
 
-    def sharing_filesystem(self, disk_id: int) -> list[int]:
-        """The pool's other disks on the filesystem this disk is on."""
+    def sharing_filesystem(self, disk_id: int, among: Iterable[int] | None = None) -> list[int]:
+        """The pool's other disks (of `among`, if given) on the filesystem this disk is on."""
         dev = self.device_of(disk_id)
-        return sorted(d for d in self.pool.disks if d != disk_id and self.device_of(d) == dev)
+        return sorted(d for d in (self.pool.disks if among is None else among)
+                      if d != disk_id and self.device_of(d) == dev)
 
     def disk_free(self, disk_id: int) -> int:
         """Bytes the pool may still put on this disk. Disks on one filesystem share its
@@ -275,9 +276,8 @@ class ExtentStore:
             cached = (now, fs_free)
             self._statvfs[disk_id] = cached
         fs_free = cached[1]
-        dev = self.device_of(disk_id)
-        fs_free //= 1 + sum(1 for d in self.pool.healthy_disks()
-                            if d.id != disk_id and self.device_of(d.id) == dev)
+        fs_free //= 1 + len(self.sharing_filesystem(
+            disk_id, [d.id for d in self.pool.healthy_disks()]))
         if info.capacity is not None:
             return max(0, min(info.capacity - info.used, fs_free))
         return fs_free

@@ -456,11 +456,11 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _exit_problem(log_path: Path, mark: int, pid: int) -> str | None:
+def _exit_problem(logfile: Path, mark: int, pid: int) -> str | None:
     """What the daemon `pid` logged after `mark` about data it could not store or a
     failure at exit, in a few words, or None."""
     try:
-        with open(log_path, "rb") as f:
+        with open(logfile, "rb") as f:
             if f.seek(0, os.SEEK_END) < mark:
                 mark = 0  # the log was rotated meanwhile
             f.seek(mark)

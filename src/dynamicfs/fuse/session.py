@@ -300,7 +300,7 @@ def _mount_directly(request: MountRequest) -> int:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise MountError(f"cannot open /dev/fuse: {exc.strerror} (is the fuse module "
-                          "loaded? try 'modprobe fuse')") from None
+                         "loaded? try 'modprobe fuse')") from None
     mnt = request.mountpoint
     root_mode = stat.S_IFMT(os.stat(mnt).st_mode)
     data = ",".join([f"fd={fd}", f"rootmode={root_mode:o}", f"user_id={os.getuid()}",
@@ -328,14 +328,14 @@ def _mount_with_fusermount(request: MountRequest) -> int:
             if done.returncode != 0:
                 said = (done.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
                 raise MountError(f"cannot mount at {request.mountpoint}: "
-                                  f"{said.removeprefix('fusermount3: ')}")
+                                 f"{said.removeprefix('fusermount3: ')}")
             _, fds, _, _ = socket.recv_fds(ours, 1, 1)
     except FileNotFoundError:
         raise MountError("fusermount3 is not installed (Debian package fuse3); it is "
-                          "needed to mount without root") from None
+                         "needed to mount without root") from None
     if not fds:
         raise MountError(f"cannot mount at {request.mountpoint}: fusermount3 passed no "
-                          "descriptor back")
+                         "descriptor back")
     os.set_inheritable(fds[0], False)
     return fds[0]
 

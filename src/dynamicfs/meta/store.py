@@ -93,7 +93,7 @@ class MetaStore:
             return self._snapshot(wal)
         conn = None
         if not (wal.exists() and wal.stat().st_size > 0):
-            conn = self.open_reader()
+            conn = _connect_uri(self.path.absolute(), "immutable=1")
             if int(conn.execute("PRAGMA user_version").fetchone()[0]) < SCHEMA_VERSION:
                 conn.close()
                 conn = None
@@ -110,8 +110,7 @@ class MetaStore:
             path, flag = self._snapshot_dir / self.path.name, "mode=ro"
         else:
             path, flag = self.path.absolute(), "immutable=1" if self.read_only else "mode=ro"
-        uri = f"file:{urllib.parse.quote(str(path))}?{flag}"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn = _connect_uri(path, flag)
         self._readers.append(conn)
         return conn
 
@@ -283,6 +282,13 @@ class MetaStore:
                     reader.close()
                 self._readers = []
                 self._drop_snapshot()
+
+
+def _connect_uri(path: Path, flag: str) -> sqlite3.Connection:
+    """A connection to the database at `path` opened with a URI parameter (`mode=ro`,
+    `immutable=1`)."""
+    uri = f"file:{urllib.parse.quote(str(path))}?{flag}"
+    return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
 
 
 def _check_not_newer(version: int) -> None:
