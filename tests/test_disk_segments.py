@@ -164,6 +164,9 @@ def test_large_records_bypass_the_page_cache_on_block_boundaries_and_walk_with_s
     for ref in refs:
         head, payload = fragfmt.parse(big.read_fragment(ref))
         assert head.fragment_id == ref.id and payload == payloads[ref.id]
+    for ref in large:  # read from the device straight into the buffer: still not cached
+        assert _resident(path, ref.offset, ref.offset + ref.size) < 0.1
+    assert big.direct_reads
     assert list(big.records(1)) == refs  # the walk skips the padding
     assert list(big.find_problems(refs)) == []
     big.delete_fragment(refs[1])
@@ -183,6 +186,10 @@ def test_large_records_asked_not_to_go_direct_are_appended_through_the_page_cach
     assert refs[1].offset == refs[0].size  # back to back: no padding to a boundary
     path = big.segment_path(1)
     assert _resident(path, 0, refs[1].offset + refs[1].size) > 0.9
+    # Still in the page cache, not yet written back: the first starts on a block
+    # boundary and is read with O_DIRECT, the second is not, and both read back whole.
+    for ref in refs:
+        assert fragfmt.parse(big.read_fragment(ref))[1] == payloads[ref.id]
     big.sync(refs)
     for ref in refs:
         assert fragfmt.parse(big.read_fragment(ref))[1] == payloads[ref.id]
@@ -208,6 +215,7 @@ def test_a_filesystem_without_o_direct_gets_large_records_through_the_page_cache
         mem.sync(refs)
         for ref in refs:
             assert fragfmt.parse(mem.read_fragment(ref))[1] == payloads[ref.id]
+        assert not mem.direct_reads  # the first record's read was refused O_DIRECT
         assert list(mem.records(1)) == refs
         mem.close()
     finally:
@@ -241,6 +249,25 @@ def test_a_torn_record_ends_its_segment_and_hides_nothing_before_it(disk: Direct
     # A new open never appends after it: its records go to a segment of their own.
     again = DirectoryDisk(disk.root)
     assert put(again, 3, b"c").segment == 3
+
+
+def test_a_large_record_cut_short_reads_short(disk: DirectoryDisk) -> None:
+    """Read with O_DIRECT, a record the segment cuts short (mid-block) comes back short,
+    and fails its check; one whose header is gone is missing."""
+    big = DirectoryDisk(disk.root)
+    first = put(big, 1, os.urandom(DIRECT_MIN))
+    second = put(big, 2, os.urandom(DIRECT_MIN + 3 * KiB))
+    assert first.segment == second.segment == 1 and second.offset > 0
+    big.sync([first, second])
+    os.truncate(big.segment_path(1), second.offset + 5000)
+    raw = big.read_fragment(second)
+    assert len(raw) == 5000 and big.direct_reads
+    with pytest.raises(fragfmt.FragmentError, match="payload has"):
+        fragfmt.parse(raw)
+    assert len(big.read_fragment(first)) == first.size
+    os.truncate(big.segment_path(1), second.offset)
+    with pytest.raises(FileNotFoundError):
+        big.read_fragment(second)
 
 
 def test_a_disk_whose_directory_vanished_is_not_written_again(disk: DirectoryDisk,

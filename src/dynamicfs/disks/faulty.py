@@ -182,7 +182,7 @@ class FaultyDisk:
             where.append(self.write_fragment(fid, header, payload, name_segment=name_segment,
                                              direct=direct))
 
-    def read_fragment(self, ref: FragmentRef) -> bytes:
+    def read_fragment(self, ref: FragmentRef) -> bytes | memoryview:
         rule = self._fault("read", ref.id)
         if rule is not None and rule.fault == "eio":
             raise _eio(f"read of fragment {ref.id:x}")

@@ -59,7 +59,7 @@ def make_header(extent_id: int, fragment_id: int, index: int, payload: bytes) ->
     return FragmentHeader(extent_id, fragment_id, index, len(payload), checksum(payload)).pack()
 
 
-def parse_header(raw: bytes, *, freed_ok: bool = False) -> FragmentHeader:
+def parse_header(raw: bytes | memoryview, *, freed_ok: bool = False) -> FragmentHeader:
     """Check and unpack the first HEADER_SIZE bytes of a fragment (its payload unread).
     With freed_ok, the header of a freed record is accepted too (see FREED_MAGIC)."""
     if freed_ok and raw[:8] == FREED_MAGIC:
@@ -77,7 +77,7 @@ def parse_header(raw: bytes, *, freed_ok: bool = False) -> FragmentHeader:
     return FragmentHeader(extent_id, fragment_id, index, length, digest)
 
 
-def parse(raw: bytes, *, hash_payload: bool = True) -> tuple[FragmentHeader, memoryview]:
+def parse(raw: bytes | memoryview, *, hash_payload: bool = True) -> tuple[FragmentHeader, memoryview]:
     """Split and check a whole fragment. Raises FragmentError on any mismatch. Without
     hash_payload the payload's BLAKE3 is not compared (the caller checks those bytes
     another way: see ExtentStore._read_joined)."""

@@ -115,7 +115,7 @@ class FragmentRead(NamedTuple):
     problem: str  # why there is no payload: "missing", "unreadable (...)", "corrupt (...)"
 
 
-def check_fragment(row: FragmentRow, raw: bytes, *, hash_payload: bool = True) -> memoryview:
+def check_fragment(row: FragmentRow, raw: bytes | memoryview, *, hash_payload: bool = True) -> memoryview:
     """The payload of a fragment's bytes, if intact and the fragment the metadata names;
     raises FragmentError saying what is wrong otherwise. Without hash_payload, only the
     header and the length are checked (see fragfmt.parse)."""
@@ -1083,7 +1083,7 @@ class ExtentStore:
                 continue
             view = memoryview(raw)
             segment, offset = backend.write_fragment(
-                row.id, raw[: fragfmt.HEADER_SIZE], view[fragfmt.HEADER_SIZE:],
+                row.id, bytes(view[: fragfmt.HEADER_SIZE]), view[fragfmt.HEADER_SIZE:],
                 name_segment=self.pool.new_fragment_id)
             copies.append((dataclasses.replace(row, segment=segment, offset=offset), row.ref))
         with self._unsynced_lock:
