@@ -166,6 +166,16 @@ def test_an_unknown_health_state_is_refused(env: Env,
     assert "unknown health state 'broken'" in err
 
 
+@pytest.mark.parametrize("args,said", [
+    (["--address", "127.0.0.1:19464", "--port", "19465"], "names port 19464 and --port 19465"),
+    (["--address", "127.0.0.1:http"], "malformed metrics address '127.0.0.1:http'"),
+    (["--address", "[::1]:70000"], "malformed metrics address '[::1]:70000'"),
+])
+def test_metrics_server_refuses_a_malformed_or_doubled_port(
+        env: Env, capsys: pytest.CaptureFixture[str], args: list[str], said: str) -> None:
+    assert said in refused(env, capsys, ["metrics-server", env.pool, *args])
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("policy", ["ec:0+2", "replicate:0", "ec:4+", "raid5"])
 def test_init_refuses_a_malformed_policy(env: Env, capsys: pytest.CaptureFixture[str],

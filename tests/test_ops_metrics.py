@@ -219,10 +219,10 @@ def mounted(pool_dir: Path, mnt: Path, *options: str) -> Iterator[Path]:
 
 
 @contextmanager
-def metrics_server_program(pool_dir: Path) -> Iterator[str]:
-    """`dynamicfs metrics-server POOL --port 0` in its own process; yields its URL."""
+def metrics_server_program(pool_dir: Path, *args: str) -> Iterator[str]:
+    """`dynamicfs metrics-server POOL ARGS` in its own process; yields its URL."""
     proc = subprocess.Popen([sys.executable, "-m", "dynamicfs.cli.main", "metrics-server",
-                             str(pool_dir), "--port", "0"], stderr=subprocess.PIPE, text=True)
+                             str(pool_dir), *args], stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
         found: list[str] = []
@@ -250,7 +250,8 @@ def test_mounted_pool_serves_fuse_latency_and_health_through_its_daemon(
         from_daemon = scrape(f"http://127.0.0.1:{port}")
         assert value(from_daemon, "dynamicfs_fuse_op_seconds_count", op="create") == 1
         assert get_json(f"http://127.0.0.1:{port}/health")[0] == 200
-        with metrics_server_program(pool_dir) as url:
+        # The port in the address, as --metrics-address takes it (0: any free one).
+        with metrics_server_program(pool_dir, "--address", "127.0.0.1:0") as url:
             samples = scrape(url)
             assert value(samples, "dynamicfs_fuse_op_seconds_count", op="write") >= 1
             assert value(samples, "dynamicfs_fuse_op_seconds_count", op="create") == 1

@@ -157,18 +157,18 @@ def register(cli: click.Group) -> None:
 
     @cli.command("metrics-server")
     @flexible("pool")
-    @click.option("--port", type=click.IntRange(0, 65535), default=metrics.DEFAULT_PORT,
-                  show_default=True, help="TCP port (0: any free port)")
-    @click.option("--address", default="127.0.0.1", show_default=True,
-                  help="address to listen on; 0.0.0.0 exposes the metrics to the network")
-    def metrics_server_cmd(pool: str, port: int, address: str) -> None:
+    @click.option("--port", type=click.IntRange(0, 65535), default=None,
+                  help=f"TCP port (0: any free port)  [default: {metrics.DEFAULT_PORT}]")
+    @click.option("--address", default="127.0.0.1", show_default=True, metavar="HOST[:PORT]",
+                  help="address to listen on, with the port or without, as mount's "
+                       "--metrics-address; 0.0.0.0 exposes the metrics to the network")
+    def metrics_server_cmd(pool: str, port: int | None, address: str) -> None:
         """Serve POOL's /metrics (Prometheus) and /health (JSON) over HTTP until stopped.
 
         When POOL is mounted, every request is answered by its mount daemon; otherwise
         the pool is held open (and cannot be mounted) while this runs.
         """
-        host = f"[{address}]" if ":" in address and not address.startswith("[") else address
-        metrics_server(pool, f"{host}:{port}")
+        metrics_server(pool, metrics.listen_address(address, port))
 
     @cli.command("health")
     @flexible("pool")

@@ -77,7 +77,8 @@ def parse_header(raw: bytes | memoryview, *, freed_ok: bool = False) -> Fragment
     return FragmentHeader(extent_id, fragment_id, index, length, digest)
 
 
-def parse(raw: bytes | memoryview, *, hash_payload: bool = True) -> tuple[FragmentHeader, memoryview]:
+def parse(raw: bytes | memoryview, *,
+          hash_payload: bool = True) -> tuple[FragmentHeader, memoryview]:
     """Split and check a whole fragment. Raises FragmentError on any mismatch. Without
     hash_payload the payload's BLAKE3 is not compared (the caller checks those bytes
     another way: see ExtentStore._read_joined)."""

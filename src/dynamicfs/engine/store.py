@@ -115,7 +115,8 @@ class FragmentRead(NamedTuple):
     problem: str  # why there is no payload: "missing", "unreadable (...)", "corrupt (...)"
 
 
-def check_fragment(row: FragmentRow, raw: bytes | memoryview, *, hash_payload: bool = True) -> memoryview:
+def check_fragment(row: FragmentRow, raw: bytes | memoryview, *,
+                   hash_payload: bool = True) -> memoryview:
     """The payload of a fragment's bytes, if intact and the fragment the metadata names;
     raises FragmentError saying what is wrong otherwise. Without hash_payload, only the
     header and the length are checked (see fragfmt.parse)."""

@@ -321,6 +321,27 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
     return host, port
 
 
+def listen_address(address: str, port: int | None) -> str:
+    """`metrics-server`'s --address and --port as one HOST:PORT: the address may carry
+    the port itself ('127.0.0.1:9464', '[::1]:9464'), as `mount --metrics-address`
+    takes it; a bare IPv6 address ('::1') has none. Without one anywhere, DEFAULT_PORT."""
+    value = address.strip()
+    host, in_address = value, None
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            in_address = parse_address(value)[1]
+    elif value.count(":") == 1:
+        host, in_address = parse_address(value)
+    if in_address is not None and port is not None and port != in_address:
+        raise DynamicFSError(f"the address {address!r} names port {in_address} and --port "
+                             f"{port}; give the port once")
+    chosen = in_address if in_address is not None else port if port is not None \
+        else DEFAULT_PORT
+    host = host or "127.0.0.1"
+    return f"[{host}]:{chosen}" if ":" in host else f"{host}:{chosen}"
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
