@@ -192,6 +192,12 @@ def test_scrub_and_fsck_check_a_read_only_pool_and_keep_nothing(
         code, out, err = run(capsys, "fsck", view, "--json")
         checked = json.loads(out)
         assert code == 1 and err.strip() == f"note: pool directory {view} {READ_ONLY_NOTE}"
+        # In words, the next step waits for the filesystem to be writable again.
+        for command, step in (("scrub", "'dynamicfs repair'"), ("fsck", "'dynamicfs fsck "
+                                                                        "--repair'")):
+            code, out, _ = run(capsys, command, view)
+            assert code == 1
+            assert f"next: once the pool directory is writable again, {step}" in out
         for repair in (["scrub", "--repair"], ["fsck", "--repair"]):
             code, _, err = run(capsys, repair[0], view, repair[1])
             assert code == 1 and err.strip().startswith(

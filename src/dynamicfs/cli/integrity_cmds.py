@@ -14,6 +14,7 @@ import click
 
 from dynamicfs.admin.integrity import recover_metadata
 from dynamicfs.cli.common import disk_ref, flexible, print_json, print_table, run_op
+from dynamicfs.engine.pool import check_pool_dir, directory_writable
 from dynamicfs.maintenance.gc import DEFAULT_GRACE, parse_age
 from dynamicfs.sizes import format_size
 
@@ -33,13 +34,22 @@ def _paths(paths: list[str], indent: str = "  ") -> None:
         click.echo(f"{indent}... and {len(paths) - SHOW_PATHS} more (see --json)")
 
 
+def _read_only(pool: str) -> bool:
+    return not directory_writable(check_pool_dir(pool))
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
-def _show_scrub(r: dict[str, Any]) -> None:
+def _next(command: str, read_only: bool) -> str:
+    """The "next:" line's command: on a read-only pool directory it cannot run yet."""
+    return f"once the pool directory is writable again, {command}" if read_only else command
+
+
+def _show_scrub(r: dict[str, Any], read_only: bool = False) -> None:
     how = "scrub with repair" if r["repair"] else "scrub"
     when = "finished" if r["finished"] else "interrupted"
     resumed = ", resumed" if r["resumed"] else ""
@@ -66,8 +76,8 @@ def _show_scrub(r: dict[str, Any]) -> None:
                    "copy:")
         _paths(lost)
     if r["under_redundant"] and not r["repair"]:
-        click.echo("next: 'dynamicfs repair' (or 'dynamicfs scrub --repair') restores "
-                   "redundancy")
+        click.echo("next: " + _next("'dynamicfs repair' (or 'dynamicfs scrub --repair') "
+                                    "restores redundancy", read_only))
     if r["clean"]:
         click.echo("no problems left")
 
@@ -85,7 +95,7 @@ def _show_repair(r: dict[str, Any]) -> None:
                       p["detail"]] for p in r["problems"][:SHOW_PATHS]])
 
 
-def _show_fsck(r: dict[str, Any]) -> None:
+def _show_fsck(r: dict[str, Any], read_only: bool = False) -> None:
     counts = ", ".join(f"{n} {what}" for what, n in r["checked"].items())
     click.echo(f"fsck checked {counts} in {_duration(r['duration'])}")
     if r["problems"]:
@@ -96,7 +106,8 @@ def _show_fsck(r: dict[str, Any]) -> None:
     click.echo(f"{len(r['problems'])} problems found, {r['repaired']} repaired, "
                f"{r['remaining']} left")
     if r["remaining"] and not r["repair"]:
-        click.echo("next: 'dynamicfs fsck --repair' fixes what is safe to fix")
+        click.echo("next: " + _next("'dynamicfs fsck --repair' fixes what is safe to fix",
+                                    read_only))
 
 
 def _show_what_if(r: dict[str, Any]) -> None:
@@ -137,7 +148,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(result)
         else:
-            _show_scrub(result)
+            _show_scrub(result, _read_only(pool))
         _exit(0 if result["clean"] else 1)
 
     @cli.command("repair")
@@ -169,7 +180,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(result)
         else:
-            _show_fsck(result)
+            _show_fsck(result, _read_only(pool))
         _exit(0 if result["clean"] else 1)
 
     @cli.command("what-if")
