@@ -480,9 +480,13 @@ class DirectoryDisk:
 
         Why: through the page cache, the kernel copies every fragment out of pages that
         the device has just filled, and on this kind of virtual machine that copy of
-        pages fresh from the host ran at 0.6-3 GB/s: reading 1 GiB of replicas cost the
-        mount daemon 4.4-5.3 s of CPU, 32% of it in that copy. With O_DIRECT the device
-        writes into the buffer itself."""
+        pages fresh from the host ran at 0.6-3 GB/s. Reading a cold 1 GiB file through
+        the mount, three interleaved pairs each: under replicate:3 the daemon spent
+        5.0-6.1 s of CPU (a third of it in that copy) and took 3.1-3.7 s, with O_DIRECT
+        1.5-3.3 s of CPU and 1.35-2.3 s; under ec:4+2, where the kernel's read-ahead
+        makes larger requests of the page cache's reads, 2.9-3.6 s of CPU and 1.9-2.4 s
+        one hour, 4.7-5.1 s and 3.0-3.3 s another, with O_DIRECT 2.3-3.2 s and 2.0-2.4 s
+        both times. With O_DIRECT the device writes into the buffer itself."""
         assert ref.segment is not None
         length = _round_up(ref.size)
         buffer = bytearray(length + _BLOCK)
