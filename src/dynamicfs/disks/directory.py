@@ -496,20 +496,15 @@ class DirectoryDisk:
         view = memoryview(buffer)[start: start + length]
         try:
             fd = os.open(self.segment_path(ref.segment), os.O_RDONLY | os.O_DIRECT)
+            try:
+                got = os.preadv(fd, [view], ref.offset)  # short only where the segment ends
+            finally:
+                os.close(fd)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            self.direct_reads = False
+            self.direct_reads = False  # O_DIRECT refused by this filesystem
             return None
-        try:
-            got = os.preadv(fd, [view], ref.offset)  # short only where the segment ends
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self.direct_reads = False
-            return None
-        finally:
-            os.close(fd)
         return view[: min(got, ref.size)]
 
     def delete_fragment(self, ref: FragmentRef) -> None:
