@@ -50,6 +50,7 @@ from dynamicfs.engine.pool import (
     PoolLock,
     check_pool_dir,
     is_pool,
+    mount_info,
     pid_alive,
 )
 from dynamicfs.errors import DynamicFSError, PoolBusyError
@@ -147,7 +148,7 @@ def check_mountable(pool: Path | str, mountpoint: Path | str,
     try:
         lock.acquire()
     except PoolBusyError:
-        info = _mount_info(pool_dir)
+        info = mount_info(pool_dir)
         if not info:
             raise
         raise PoolBusyError(f"pool {pool_dir} is already mounted at {info.get('mountpoint')} "
@@ -497,7 +498,7 @@ def _resolve(target: Path | str) -> tuple[Path, Path | None]:
     pool_dir: Path | None = None
     if _is_pool(path):
         pool_dir = path
-        info = _mount_info(path)
+        info = mount_info(path)
         if not info:
             raise MountError(f"pool {path} is not mounted")
         path = Path(str(info["mountpoint"]))
@@ -522,7 +523,7 @@ def pool_of(target: Path | str) -> tuple[Path, Path | None]:
         if exc.errno != errno.ENOTCONN:  # ENOTCONN: a mount whose daemon is gone, below
             raise MountError(f"cannot reach {target}: {exc.strerror}") from None
     if _is_pool(path):
-        info = _mount_info(path)
+        info = mount_info(path)
         mountpoint = Path(str(info["mountpoint"])) if info else None
         entry = find_mount(mountpoint) if mountpoint else None
         return path, mountpoint if entry and entry.fstype == FSTYPE else None
@@ -597,15 +598,8 @@ def _is_pool(path: Path) -> bool:
         return False
 
 
-def _mount_info(pool_dir: Path) -> dict[str, object] | None:
-    try:
-        return dict(json.loads((pool_dir / MOUNT_INFO).read_text()))
-    except (OSError, ValueError):
-        return None
-
-
 def _daemon_pid(pool_dir: Path, mountpoint: Path) -> int | None:
-    info = _mount_info(pool_dir)
+    info = mount_info(pool_dir)
     if not info or info.get("mountpoint") != str(mountpoint):
         return None
     pid = int(str(info.get("pid", 0)))
