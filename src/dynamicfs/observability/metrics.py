@@ -326,19 +326,17 @@ def listen_address(address: str, port: int | None) -> str:
     the port itself ('127.0.0.1:9464', '[::1]:9464'), as `mount --metrics-address`
     takes it; a bare IPv6 address ('::1') has none. Without one anywhere, DEFAULT_PORT."""
     value = address.strip()
-    host, in_address = value, None
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        if rest:
-            in_address = parse_address(value)[1]
-    elif value.count(":") == 1:
-        host, in_address = parse_address(value)
+    after_bracket = value.partition("]")[2] if value.startswith("[") else None
+    in_address: int | None = None
+    if after_bracket or (after_bracket is None and value.count(":") == 1):
+        host, in_address = parse_address(value)  # the port is in it
+    else:
+        host = value.strip("[]") or "127.0.0.1"
     if in_address is not None and port is not None and port != in_address:
         raise DynamicFSError(f"the address {address!r} names port {in_address} and --port "
                              f"{port}; give the port once")
     chosen = in_address if in_address is not None else port if port is not None \
         else DEFAULT_PORT
-    host = host or "127.0.0.1"
     return f"[{host}]:{chosen}" if ":" in host else f"{host}:{chosen}"
 
 
